@@ -1,0 +1,109 @@
+"""Decoder self-attention: plain multi-head attention (Tiny) and MLA with a compressed cache (Small, base).
+
+Both take x [S, H] for positions start..start+S-1 of a batch-1 sequence, write their cache slots, and attend causally
+over everything written so far. Scores are computed and softmaxed in fp32, as in the official code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .cache import LayerCache
+from .config import LanguageConfig
+from .layers import RMSNorm, rope_angles, rope_interleaved, rope_rotate_half
+
+
+def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """scores [..., S, T] (query i sits at position start+i, keys at 0..T-1) -> fp32 probabilities."""
+    s, t = scores.shape[-2:]
+    q_pos = torch.arange(start, start + s, device=scores.device)[:, None]
+    masked = torch.arange(t, device=scores.device)[None, :] > q_pos
+    return scores.float().masked_fill(masked, float("-inf")).softmax(dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Tiny: LlamaAttention-style q/k/v/o projections, rotate-half RoPE, K/V cache of n_kv x head_dim per token."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        h, self.heads, self.kv_heads, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, \
+            cfg.num_key_value_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None) -> torch.Tensor:
+        s = x.shape[0]
+        q = self.q_proj(x).view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
+        k = self.k_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = self.v_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        cos, sin = rope_angles(self.head_dim, self.theta, torch.arange(start, start + s, device=x.device))
+        q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
+        if cache is not None:
+            cache.tensors["k"][:, start:start + s] = k
+            cache.tensors["v"][:, start:start + s] = v
+            k, v = cache.tensors["k"][:, :start + s], cache.tensors["v"][:, :start + s]  # [n_kv, T, d]
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=0)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=0)
+        scores = (q @ k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
+        out = causal_softmax(scores, start).to(v.dtype) @ v  # [n, S, d]
+        return self.o_proj(out.transpose(0, 1).reshape(s, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (q_lora_rank null, plain RoPE on a 64-d shared key).
+
+    The cache holds only the normalised latent c (kv_lora_rank) and the roped k_pe per token. `kv_b_proj` is kept
+    split per head into W_UK [n, d_nope, c] and W_UV [n, d_v, c]: decode absorbs W_UK into the query and W_UV into the
+    output (attention runs in the latent space); long prefills expand K/V per head instead, which is cheaper there.
+    """
+
+    # Above this many query tokens the expanded form does fewer FLOPs than the absorbed one.
+    EXPAND_MIN_QUERIES = 16
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.heads, self.d_nope, self.d_rope, self.d_v, self.rank = n, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+            cfg.v_head_dim, cfg.kv_lora_rank
+        self.theta = cfg.rope_theta
+        self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # no YaRN mscale: rope_scaling is null
+        self.q_proj = nn.Linear(h, n * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.d_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.w_uk = nn.Parameter(torch.empty(n, self.d_nope, self.rank))  # from kv_b_proj rows 0..127 of each head
+        self.w_uv = nn.Parameter(torch.empty(n, self.d_v, self.rank))  # rows 128..255
+        self.o_proj = nn.Linear(n * self.d_v, h, bias=False)
+
+    def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None,
+                absorb: bool | None = None) -> torch.Tensor:
+        s = x.shape[0]
+        q = self.q_proj(x).view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
+        q_nope, q_pe = q[..., :self.d_nope], q[..., self.d_nope:]
+        kv = self.kv_a_proj_with_mqa(x)  # [S, c + r]
+        latent = self.kv_a_layernorm(kv[:, :self.rank])
+        cos, sin = rope_angles(self.d_rope, self.theta, torch.arange(start, start + s, device=x.device))
+        q_pe, k_pe = rope_interleaved(q_pe, cos, sin), rope_interleaved(kv[:, self.rank:], cos, sin)
+        if cache is not None:
+            cache.tensors["latent"][start:start + s] = latent
+            cache.tensors["k_pe"][start:start + s] = k_pe
+            latent, k_pe = cache.tensors["latent"][:start + s], cache.tensors["k_pe"][:start + s]  # [T, c], [T, r]
+        if absorb is None:
+            absorb = s < self.EXPAND_MIN_QUERIES
+        pe_scores = q_pe @ k_pe.T  # [n, S, T]: the shared rope key serves every head
+        if absorb:
+            q_lat = q_nope @ self.w_uk  # [n, S, c]
+            probs = causal_softmax((q_lat @ latent.T + pe_scores) * self.scale, start).to(x.dtype)
+            out = (probs @ latent) @ self.w_uv.transpose(1, 2)  # [n, S, c] -> [n, S, d_v]
+        else:
+            k_nope = self.w_uk @ latent.T  # [n, d_nope, T]
+            v = (self.w_uv @ latent.T).transpose(1, 2)  # [n, T, d_v]
+            probs = causal_softmax((q_nope @ k_nope + pe_scores) * self.scale, start).to(x.dtype)
+            out = probs @ v
+        return self.o_proj(out.transpose(0, 1).reshape(s, -1))

@@ -1,0 +1,107 @@
+"""`edge-vl2` command line: thin commands over the library; heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import UserError
+
+
+def one_line_errors(fn):
+    """Bad input ends with one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (try a smaller model, fewer images or --max-new-tokens)", err=True)
+            sys.exit(3)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="edge-vl2")
+def main():
+    """DeepSeek-VL2 Tiny/Small on a 16 GB GPU, a Jetson Orin or a CPU-only PC, offline."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
+@click.option("--image", "images", multiple=True, help="An image file; repeat for several, in <image> tag order.")
+@click.option("--system", default=None, help="System text placed before the first turn.")
+@click.option("--max-new-tokens", default=512, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")
+@click.argument("prompt")
+@one_line_errors
+def run(model, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype, device,
+        stats, prompt):
+    """Answer PROMPT about the images, streaming the text; grounding boxes are also printed in pixels.
+
+    Images without an <image> tag in PROMPT get one on a line of its own at the start (official demo convention).
+    """
+    from .generate import SamplingParams
+    from .grounding import format_boxes
+    from .images import load_image
+    from .pipeline import VL2Pipeline
+
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    pil_images = [load_image(p) for p in images]  # bad images fail before the model loads
+    vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=device)
+    inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
+    timings: dict = {}
+    text = []
+    for piece in vl2.stream(inputs, sampling, timings):
+        text.append(piece)
+        click.echo(piece, nl=False)
+    click.echo("")
+    boxes = vl2.boxes("".join(text), inputs)
+    if boxes:
+        click.echo(format_boxes(boxes))
+    if stats:
+        n = timings.get("decode_tokens", 0)
+        rate = (n - 1) / timings["decode_s"] if n > 1 and timings.get("decode_s") else float("nan")
+        click.echo(f"prompt {inputs.seq_len} tokens ({sum(inputs.num_image_tokens)} image), vision "
+                   f"{timings.get('vision_s', 0):.2f} s, prefill {timings.get('prefill_s', 0):.2f} s, "
+                   f"{n} new tokens, decode {rate:.2f} tok/s", err=True)
+
+
+@main.command()
+@click.option("--variant", type=click.Choice(["tiny", "small", "base"]), required=True)
+@click.option("--size", type=click.Choice(["test", "full"]), default="test", show_default=True,
+              help="test: tiny dimensions, real vocabulary and layout; full: the real dimensions.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@one_line_errors
+def synth(variant, size, out, seed):
+    """Write a synthetic checkpoint in the exact official layout (random, trained-looking weights)."""
+    from pathlib import Path
+
+    from .synth import write_checkpoint
+
+    if Path(out).exists():
+        raise UserError(f"{out}: already exists; choose a new folder")
+    path = write_checkpoint(out, variant, size, seed=seed, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

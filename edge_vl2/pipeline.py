@@ -1,0 +1,120 @@
+"""The Python API: one object holding processor + model, used by the CLI and by applications alike.
+
+    vl2 = VL2Pipeline.from_pretrained("path/to/deepseek-vl2-tiny")
+    inputs = vl2.prepare("<image>\\nDescribe this.", images=["photo.jpg"])
+    inputs.input_ids, inputs.images_seq_mask, inputs.pixel_values, inputs.images_spatial_crop   # processor output
+    logits = vl2.prompt_logits(inputs)                                                             # [T, vocab] fp32
+    for piece in vl2.stream(inputs, SamplingParams(max_new_tokens=64)):                            # streamed text
+        print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .generate import SamplingParams, generate_tokens
+from .grounding import parse_grounding
+from .model import DeepseekVL2, load_model
+from .processor import Processor, ProcessorOutput
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtypes(dtype: str, device: str) -> tuple[torch.dtype, torch.dtype]:
+    """(decoder dtype, vision dtype). `auto`: bf16 everywhere on CUDA; on CPU a bf16 decoder (memory-bound matmuls
+    gain from half the bytes) and an fp32 vision tower (CPU bf16 convolutions and 729-token attention are ~5x slower)."""
+    if dtype == "auto":
+        return (torch.bfloat16, torch.bfloat16) if str(device).startswith("cuda") else (torch.bfloat16, torch.float32)
+    return DTYPES[dtype], DTYPES[dtype]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    boxes: list = field(default_factory=list)  # grounding boxes mapped to original-image pixels
+    timings: dict = field(default_factory=dict)
+
+
+class VL2Pipeline:
+    """Processor + model for one checkpoint; every method works on a ProcessorOutput from `prepare`."""
+
+    def __init__(self, model: DeepseekVL2, processor: Processor, model_dir: Path):
+        self.model, self.processor, self.model_dir = model, processor, model_dir
+        self.tokenizer = processor.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu") -> "VL2Pipeline":
+        """`model`: a local checkpoint folder in the official layout, or a Hub id (downloaded where a network exists)."""
+        decoder_dtype, vision_dtype = resolve_dtypes(dtype, device)
+        vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
+        return cls(vl2, Processor.from_pretrained(model_dir), model_dir)
+
+    def prepare(self, prompt: str, images=(), system: str | None = None,
+                history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False) -> ProcessorOutput:
+        """Tokenise a prompt in the official template and tile its images (no model compute)."""
+        return self.processor.process_prompt(prompt, images, system=system, history=history,
+                                             auto_image_tags=auto_image_tags)
+
+    def embeddings(self, inputs: ProcessorOutput) -> torch.Tensor:
+        """[T, H] decoder inputs: token embeddings with the image vectors in the `<image>` positions."""
+        device = self.model.language.lm_head.weight.device
+        return self.model.input_embeddings(inputs.input_ids.to(device), inputs.images_seq_mask.to(device),
+                                           inputs.pixel_values.to(device), inputs.images_spatial_crop)
+
+    @torch.inference_mode()
+    def prompt_logits(self, inputs: ProcessorOutput) -> torch.Tensor:
+        """fp32 logits [T, vocab] at every prompt position (one causal pass, no cache)."""
+        lm = self.model.language
+        return lm.logits(lm(self.embeddings(inputs)))
+
+    def tokens(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams(),
+               timings: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(token id, logits) pairs as they are generated; stops on eos, max_new_tokens or the context end."""
+        t0 = time.perf_counter()
+        embeds = self.embeddings(inputs)
+        if timings is not None:
+            timings["vision_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i, item in enumerate(generate_tokens(self.model.language, embeds, inputs.input_ids, sampling,
+                                                 self.tokenizer.eos_id)):
+            if timings is not None and i == 0:
+                timings["prefill_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+            yield item
+            if timings is not None:
+                timings["decode_s"] = time.perf_counter() - t0
+                timings["decode_tokens"] = i + 1
+
+    def stream(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams(),
+               timings: dict | None = None) -> Iterator[str]:
+        """Text pieces as they complete (never half a UTF-8 character)."""
+        detok = self.tokenizer.stream()
+        for token, _ in self.tokens(inputs, sampling, timings):
+            piece = detok.add(token)
+            if piece:
+                yield piece
+        tail = detok.flush()
+        if tail:
+            yield tail
+
+    def generate(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams()) -> GenerationResult:
+        """The whole answer, its ids and its grounding boxes in original-image pixels."""
+        timings: dict = {}
+        ids = [t for t, _ in self.tokens(inputs, sampling, timings)]
+        text = self.tokenizer.decode(ids)
+        return GenerationResult(text=text, token_ids=ids, prompt_tokens=inputs.seq_len,
+                                boxes=self.boxes(text, inputs), timings=timings)
+
+    @staticmethod
+    def boxes(text: str, inputs: ProcessorOutput) -> list:
+        """Grounding boxes in `text`, mapped to pixels of the last image (the one the official demo draws on:
+        with two images, grounding prompts ask about the second)."""
+        return parse_grounding(text, inputs.image_sizes[-1] if inputs.image_sizes else None)
