@@ -103,5 +103,25 @@ def synth(variant, size, out, seed):
     click.echo(str(path))
 
 
+@main.command()
+@click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
+@click.option("--dtypes", default="fp32,bf16", show_default=True, help="Comma-separated; the first is the baseline.")
+@click.option("--prompt-tokens", default=128, show_default=True, type=int, help="Text tokens in the prompt.")
+@click.option("--new-tokens", default=32, show_default=True, type=int, help="Decode steps to time (median).")
+@click.option("--image", default=None, help="Add one image (its tiles and image tokens) to the prompt.")
+@click.option("--device", default="cpu", show_default=True)
+@one_line_errors
+def bench(model, dtypes, prompt_tokens, new_tokens, image, device):
+    """Time loading, vision, prefill and decode per dtype in one run; one JSON record per line, ratios to the first."""
+    import json
+
+    from .bench import run_all
+    from .checkpoint import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)  # fail here, once, rather than in every child
+    for record in run_all(str(model_dir), dtypes.split(","), prompt_tokens, new_tokens, image, device):
+        click.echo(json.dumps(record))
+
+
 if __name__ == "__main__":
     main()
