@@ -48,9 +48,13 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end the same way
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}: "
-                        f"{reason[:160]}); without a network, pass a local checkpoint folder") from None
+        text = " ".join(str(e).split())
+        if "ConnectError" in text or "Name or service not known" in text or "offline" in text.lower():
+            reason = "the Hugging Face Hub cannot be reached (no network)"
+        else:
+            reason = f"{type(e).__name__}: {text[:160]}"
+        raise UserError(f"{repo_id}: not a local folder, and it could not be downloaded: {reason}; "
+                        "pass a local checkpoint folder") from None
 
 
 class CheckpointReader:
