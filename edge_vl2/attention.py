@@ -76,7 +76,7 @@ class MLAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # no YaRN mscale: rope_scaling is null
         self.q_proj = nn.Linear(h, n * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.d_rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)  # official: built with the class default, not the config's
         self.w_uk = nn.Parameter(torch.empty(n, self.d_nope, self.rank))  # from kv_b_proj rows 0..127 of each head
         self.w_uv = nn.Parameter(torch.empty(n, self.d_v, self.rank))  # rows 128..255
         self.o_proj = nn.Linear(n * self.d_v, h, bias=False)
