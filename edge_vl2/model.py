@@ -21,11 +21,12 @@ from .vision import Projector, SiglipTower, layout_image
 
 
 class DeepseekVL2(nn.Module):
-    def __init__(self, cfg: VL2Config):
+    def __init__(self, cfg: VL2Config, with_vision: bool = True):
+        """`with_vision=False` builds only the decoder side, for bundles whose tower runs in ONNX Runtime."""
         super().__init__()
         self.cfg = cfg
-        self.vision = SiglipTower(cfg.vision)
-        self.projector = Projector(cfg.projector)
+        self.vision = SiglipTower(cfg.vision) if with_vision else None
+        self.projector = Projector(cfg.projector) if with_vision else None
         self.image_newline = nn.Parameter(torch.empty(cfg.projector.n_embed))
         self.view_seperator = nn.Parameter(torch.empty(cfg.projector.n_embed))  # sic: checkpoint spelling
         self.language = LanguageModel(cfg.language)
@@ -64,6 +65,8 @@ class DeepseekVL2(nn.Module):
         if pixel_values.shape[0] == 0:
             return embeds
         if tile_embeds is None:
+            if self.vision is None:
+                raise ValueError("this model has no vision tower: pass tile_embeds from the ONNX vision graph")
             tile_embeds = self.encode_tiles(pixel_values)
         image = self.image_embeddings(tile_embeds, spatial_crop)
         if image.shape[0] != int(images_seq_mask.sum()):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,9 +46,13 @@ class GenerationResult:
 class VL2Pipeline:
     """Processor + model for one checkpoint; every method works on a ProcessorOutput from `prepare`."""
 
-    def __init__(self, model: DeepseekVL2, processor: Processor, model_dir: Path):
+    def __init__(self, model: DeepseekVL2, processor: Processor, model_dir: Path,
+                 tile_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`tile_encoder` maps tiles [N, 3, 384, 384] to projector outputs [N, 196, H]; by default the model's own
+        PyTorch tower (reference mode), for bundles the ONNX Runtime graph."""
         self.model, self.processor, self.model_dir = model, processor, model_dir
         self.tokenizer = processor.tokenizer
+        self.tile_encoder = tile_encoder or model.encode_tiles
 
     @classmethod
     def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu") -> "VL2Pipeline":
@@ -65,9 +69,11 @@ class VL2Pipeline:
 
     def embeddings(self, inputs: ProcessorOutput) -> torch.Tensor:
         """[T, H] decoder inputs: token embeddings with the image vectors in the `<image>` positions."""
-        device = self.model.language.lm_head.weight.device
+        device = self.model.image_newline.device
+        pixels = inputs.pixel_values
+        tiles = self.tile_encoder(pixels).to(device=device, dtype=self.model.dtype) if pixels.shape[0] else None
         return self.model.input_embeddings(inputs.input_ids.to(device), inputs.images_seq_mask.to(device),
-                                           inputs.pixel_values.to(device), inputs.images_spatial_crop)
+                                           pixels, inputs.images_spatial_crop, tile_embeds=tiles)
 
     @torch.inference_mode()
     def prompt_logits(self, inputs: ProcessorOutput) -> torch.Tensor:
