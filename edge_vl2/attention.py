@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import LayerCache
 from .config import LanguageConfig
-from .layers import RMSNorm, rope_angles, rope_interleaved, rope_rotate_half
+from .layers import Linear, RMSNorm, matmul, rope_angles, rope_interleaved, rope_rotate_half
 
 
 def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
@@ -32,10 +32,10 @@ class MultiHeadAttention(nn.Module):
         h, self.heads, self.kv_heads, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, \
             cfg.num_key_value_heads, cfg.head_dim
         self.theta = cfg.rope_theta
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * self.head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None) -> torch.Tensor:
         s = x.shape[0]
@@ -51,8 +51,8 @@ class MultiHeadAttention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=0)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=0)
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
-        out = causal_softmax(scores, start).to(v.dtype) @ v  # [n, S, d]
+        scores = matmul(q, k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
+        out = matmul(causal_softmax(scores, start).to(v.dtype), v)  # [n, S, d]
         return self.o_proj(out.transpose(0, 1).reshape(s, -1))
 
 
@@ -74,12 +74,12 @@ class MLAttention(nn.Module):
             cfg.v_head_dim, cfg.kv_lora_rank
         self.theta = cfg.rope_theta
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)  # no YaRN mscale: rope_scaling is null
-        self.q_proj = nn.Linear(h, n * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.d_rope, bias=False)
+        self.q_proj = Linear(h, n * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.rank + self.d_rope, bias=False)
         self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)  # official: built with the class default, not the config's
         self.w_uk = nn.Parameter(torch.empty(n, self.d_nope, self.rank))  # from kv_b_proj rows 0..127 of each head
         self.w_uv = nn.Parameter(torch.empty(n, self.d_v, self.rank))  # rows 128..255
-        self.o_proj = nn.Linear(n * self.d_v, h, bias=False)
+        self.o_proj = Linear(n * self.d_v, h, bias=False)
 
     def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None,
                 absorb: bool | None = None) -> torch.Tensor:
@@ -96,14 +96,14 @@ class MLAttention(nn.Module):
             latent, k_pe = cache.tensors["latent"][:start + s], cache.tensors["k_pe"][:start + s]  # [T, c], [T, r]
         if absorb is None:
             absorb = s < self.EXPAND_MIN_QUERIES
-        pe_scores = q_pe @ k_pe.T  # [n, S, T]: the shared rope key serves every head
+        pe_scores = matmul(q_pe, k_pe.T)  # [n, S, T]: the shared rope key serves every head
         if absorb:
-            q_lat = q_nope @ self.w_uk  # [n, S, c]
-            probs = causal_softmax((q_lat @ latent.T + pe_scores) * self.scale, start).to(x.dtype)
-            out = (probs @ latent) @ self.w_uv.transpose(1, 2)  # [n, S, c] -> [n, S, d_v]
+            q_lat = matmul(q_nope, self.w_uk)  # [n, S, c]
+            probs = causal_softmax((matmul(q_lat, latent.T) + pe_scores) * self.scale, start).to(x.dtype)
+            out = matmul(matmul(probs, latent), self.w_uv.transpose(1, 2))  # [n, S, c] -> [n, S, d_v]
         else:
-            k_nope = self.w_uk @ latent.T  # [n, d_nope, T]
-            v = (self.w_uv @ latent.T).transpose(1, 2)  # [n, T, d_v]
-            probs = causal_softmax((q_nope @ k_nope + pe_scores) * self.scale, start).to(x.dtype)
-            out = probs @ v
+            k_nope = matmul(self.w_uk, latent.T)  # [n, d_nope, T]
+            v = matmul(self.w_uv, latent.T).transpose(1, 2)  # [n, T, d_v]
+            probs = causal_softmax((matmul(q_nope, k_nope) + pe_scores) * self.scale, start).to(x.dtype)
+            out = matmul(probs, v)
         return self.o_proj(out.transpose(0, 1).reshape(s, -1))

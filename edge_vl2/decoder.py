@@ -11,7 +11,7 @@ from torch import nn
 from .attention import MLAttention, MultiHeadAttention
 from .cache import StaticCache
 from .config import LanguageConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import Linear, RMSNorm, SwiGLU
 from .moe import MoE
 
 
@@ -45,7 +45,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DecoderStack(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, embeds: torch.Tensor, cache: StaticCache | None = None, start: int | None = None) -> torch.Tensor:
         """embeds [S, H] -> final-normed hidden states [S, H]. Without a cache: one causal pass from position 0."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .layers import SwiGLU
+from .layers import SwiGLU, linear
 
 
 class Router(nn.Module):
@@ -66,11 +66,17 @@ class StackedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
 
     def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Few tokens: x [T, H], ids [T, k] -> outputs [T, k, H] with the chosen experts' weights gathered."""
-        xk = x[:, None, :, None]  # [T, 1, H, 1]
-        g = (self.gate_proj[ids] @ xk).squeeze(-1)  # [T, k, I]
-        u = (self.up_proj[ids] @ xk).squeeze(-1)
-        return (self.down_proj[ids] @ (F.silu(g) * u)[..., None]).squeeze(-1)
+        """Few tokens: x [T, H], ids [T, k] -> outputs [T, k, H], running each chosen expert on its token.
+
+        A loop over the k chosen (token, expert) pairs reads each expert's weights in place; gathering the k weight
+        matrices into a new tensor first costs a copy of them per step (measured ~9x slower on CPU).
+        """
+        out = x.new_empty(*ids.shape, x.shape[-1])
+        for t, row in enumerate(ids.tolist()):
+            for slot, e in enumerate(row):
+                h = F.silu(linear(x[t], self.gate_proj[e])) * linear(x[t], self.up_proj[e])
+                out[t, slot] = linear(h, self.down_proj[e])
+        return out
 
     def sorted_by_expert(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Many tokens: group (token, slot) pairs by expert and run each used expert once -> [T, k, H]."""
@@ -84,8 +90,8 @@ class StackedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 r = rows[begin:begin + n]
-                h = F.silu(r @ self.gate_proj[e].T) * (r @ self.up_proj[e].T)
-                out[order[begin:begin + n]] = h @ self.down_proj[e].T
+                h = F.silu(linear(r, self.gate_proj[e])) * linear(r, self.up_proj[e])
+                out[order[begin:begin + n]] = linear(h, self.down_proj[e])
                 begin += n
         return out.view(t, k, -1)
 
