@@ -37,7 +37,8 @@ def main():
 
 
 @main.command()
-@click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
+@click.option("--model", default=None, help="Checkpoint folder in the official layout, or a Hub id (reference mode).")
+@click.option("--bundle", default=None, type=click.Path(), help="A bundle folder written by `edge-vl2 export`.")
 @click.option("--image", "images", multiple=True, help="An image file; repeat for several, in <image> tag order.")
 @click.option("--system", default=None, help="System text placed before the first turn.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=int)
@@ -46,15 +47,25 @@ def main():
 @click.option("--top-k", default=0, show_default=True, type=int)
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int)
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,
+              help="Bundles: auto = bf16; fp32 for reference comparisons.")
+@click.option("--device", "device_profile", default=None,
+              help="Device profile (e.g. cpu-kiosk, orin-nx-16gb, or a .toml): refuse, before loading, what cannot "
+                   "fit it; for bundles it also picks the backend, vision graph and ONNX Runtime providers.")
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "reference", "bnb"]), default=None,
+              help="Bundle decoder backend [default: the device profile's, else cuda when available, else cpu].")
+@click.option("--skip-verify", is_flag=True,
+              help="Bundle: skip the sha256 pass over its files (startup time); sizes, tensor shapes and the "
+                   "manifest are still checked.")
+@click.option("--torch-device", default="cpu", show_default=True, help="Reference mode (--model): torch device.")
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")
 @click.argument("prompt")
 @one_line_errors
-def run(model, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype, device,
-        stats, prompt):
+def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype,
+        device_profile, backend, skip_verify, torch_device, stats, prompt):
     """Answer PROMPT about the images, streaming the text; grounding boxes are also printed in pixels.
 
+    Give either --model (reference mode: the checkpoint in bf16/fp32) or --bundle (an exported, quantized bundle).
     Images without an <image> tag in PROMPT get one on a line of its own at the start (official demo convention).
     """
     from .generate import SamplingParams
@@ -64,8 +75,22 @@ def run(model, images, system, max_new_tokens, temperature, top_p, top_k, repeti
 
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed)
+    if (model is None) == (bundle is None):
+        raise UserError("give exactly one of --model (a checkpoint) or --bundle (an exported bundle)")
+    if model is not None and (backend or skip_verify):
+        raise UserError("--backend and --skip-verify apply to --bundle only")
+    if bundle is not None and dtype == "fp16":
+        raise UserError("bundles run in bf16 (--dtype auto) or fp32")
     pil_images = [load_image(p) for p in images]  # bad images fail before the model loads
-    vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=device)
+    if bundle is not None:
+        vl2 = VL2Pipeline.from_bundle(bundle, backend=backend, device_profile=device_profile,
+                                      verify=not skip_verify, dtype="fp32" if dtype == "fp32" else "bf16")
+    else:
+        if device_profile is not None:
+            from .bundle_runtime import check_checkpoint_fit
+
+            check_checkpoint_fit(model, device_profile, dtype, torch_device)
+        vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device)
     inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
     timings: dict = {}
     text = []
@@ -127,6 +152,21 @@ def export(model, recipe, method, calib, calib_samples, fidelity_samples, vision
                                 max_memory_gb=max_memory_gb),
                   log=lambda msg: click.echo(msg, err=True))
     click.echo(out)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--verify", is_flag=True, help="Also check every file's sha256 (reads the whole bundle).")
+@one_line_errors
+def inspect(bundle, verify):
+    """Summarise a bundle: model, recipe, sizes, vision graphs, fidelity, and where it can run."""
+    from .bundle import open_bundle
+    from .bundle_runtime import inspect_lines
+
+    b = open_bundle(bundle, verify=verify)
+    for line in inspect_lines(b):
+        click.echo(line)
+    click.echo("hashes: " + ("verified" if verify else "not checked (add --verify)"))
 
 
 @main.command()

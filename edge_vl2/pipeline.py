@@ -61,6 +61,15 @@ class VL2Pipeline:
         vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
         return cls(vl2, Processor.from_pretrained(model_dir), model_dir)
 
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str | None = None, device_profile=None, verify: bool = True,
+                    dtype: str = "bf16") -> "VL2Pipeline":
+        """An exported bundle, validated (sha256 unless `verify=False`), checked against `device_profile`, decoder
+        repacked for `backend`, vision in ONNX Runtime (see edge_vl2.bundle_runtime)."""
+        from .bundle_runtime import load_bundle
+
+        return load_bundle(path, backend=backend, device_profile=device_profile, verify=verify, dtype=dtype)
+
     def prepare(self, prompt: str, images=(), system: str | None = None,
                 history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False) -> ProcessorOutput:
         """Tokenise a prompt in the official template and tile its images (no model compute)."""
