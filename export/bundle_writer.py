@@ -285,8 +285,8 @@ def _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, 
             model, _ = load_model(model_dir, dtype=torch.bfloat16, vision_dtype=torch.float32)
         work = stage / ".work"
         t0 = time.perf_counter()
-        fidelity = toolchain.fidelity(model, model_dir, processor, [stage / f for f in writer.files], plans,
-                                      opts.fidelity_samples, work, opts.max_tiles)
+        fidelity = toolchain.fidelity(model, processor, [stage / f for f in writer.files], plans,
+                                      opts.fidelity_samples, work, opts.max_tiles)  # consumes the model
         shutil.rmtree(work)
         log(f"fidelity on {fidelity['samples']} held-out samples: KL mean {fidelity['kl_mean']:.5f} "
             f"p99 {fidelity['kl_p99']:.5f}, top-1 agreement {100 * fidelity['top1_agreement']:.2f} %, routing "

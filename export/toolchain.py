@@ -89,11 +89,13 @@ def gptq(model, recipe: Recipe, calib, mode: str, log: Log) -> tuple[dict[str, Q
 
 
 @torch.inference_mode()
-def fidelity(model, model_dir: Path, processor, files: list[Path], plans: list[TensorPlan], n_samples: int,
-             work: Path, max_tiles: int, max_tokens: int = MAX_TOKENS) -> dict:
-    """Held-out fidelity of the written decoder tensors against `model` (full precision; left as it was)."""
+def fidelity(model, processor, files: list[Path], plans: list[TensorPlan], n_samples: int, work: Path,
+             max_tiles: int, max_tokens: int = MAX_TOKENS) -> dict:
+    """Held-out fidelity of the written decoder tensors against `model` (full precision), which this CONSUMES: after
+    the reference pass its quantized parameters are overwritten, one at a time, by the dequantized tensors read back
+    from the written shards (never a second copy of the decoder, nothing restored: the caller drops the model)."""
     from edge_vl2.quantize.calibration_data import evaluation_samples
-    from edge_vl2.quantize.fake_quant import checkpoint_restorer, swapped
+    from edge_vl2.quantize.fake_quant import parameter_name
     from edge_vl2.quantize.fidelity import compare, reference_run
 
     samples = list(evaluation_samples(n_samples, max_tiles=max_tiles))
@@ -101,10 +103,17 @@ def fidelity(model, model_dir: Path, processor, files: list[Path], plans: list[T
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(mmap_tensors(f))
-    weights = {prefix: load_quantized(prefix, tensors) for p in plans for prefix, _, _ in p.weights()}
-    # one parameter at a time, originals re-read from the checkpoint afterwards: never a second copy of the decoder
-    with swapped(model, weights, restore=checkpoint_restorer(model, model_dir)):
-        report = compare(reference, model)
+    params = dict(model.named_parameters())
+    for p in plans:
+        for prefix, _, _ in p.weights():
+            name, expert = parameter_name(prefix, params)
+            target = params[name]
+            value = load_quantized(prefix, tensors).dequantize(target.dtype)
+            if expert is None:
+                target.data = value
+            else:
+                target.data[expert] = value
+    report = compare(reference, model)
     out = {k: report.get(k) for k in FIDELITY_FIELDS}
     out.update(max_tokens=max_tokens, reference="the checkpoint in bf16 (vision fp32) on held-out samples",
                measured="the bundle's decoder tensors dequantized into that model (the runtime's reference math)",
