@@ -208,5 +208,26 @@ def bench(model, dtypes, prompt_tokens, new_tokens, image, device):
         click.echo(json.dumps(record))
 
 
+@main.command("vision-bench")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint folder in the official layout; only the vision tower and projector are read.")
+@click.option("--image", default=None, help="A photo whose processor tiles are timed (default: a generated card).")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="ONNX graphs to export and time.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs over all tiles (median).")
+@click.option("--tiles", "max_tiles", default=None, type=int, help="Time only the first N tiles (global view first).")
+@click.option("--threads", default=None, type=int, help="For PyTorch and ONNX Runtime alike [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of a table.")
+@one_line_errors
+def vision_bench(model, image, precisions, repeats, max_tiles, threads, as_json):
+    """Vision per tile in one run: PyTorch fp32 vs ONNX Runtime graphs (max |ORT - torch|, cosine, ms/tile)."""
+    import json
+
+    from .export.vision_bench import format_table, run_vision_bench  # stdlib only: it sets GOMP_SPINCOUNT first
+
+    result = run_vision_bench(model, image, tuple(p.strip() for p in precisions.split(",") if p.strip()), repeats,
+                              max_tiles, threads, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps(result) if as_json else format_table(result))
+
+
 if __name__ == "__main__":
     main()
