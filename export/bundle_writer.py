@@ -159,6 +159,12 @@ def _finite(value):
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def peak_rss() -> int:
     """This process's peak resident memory. VmHWM belongs to the current program image; ru_maxrss would also count
     the parent's pages a fork-then-exec child briefly mapped (a small export launched from a big process would
@@ -182,10 +188,9 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
     recipe = resolve_recipe(opts.recipe)
     profile = load_device(opts.device) if opts.device else None
     precisions = list(opts.vision or [profile.vision_precision if profile else DEFAULT_VISION])
-    bad = [p for p in precisions if p not in VISION_PRECISIONS] or (["repeated"] if len(set(precisions)) <
-                                                                     len(precisions) else [])
-    if bad or not precisions:
-        raise UserError(f"--vision: {bad[0] if bad else 'empty'}; give one or more of {', '.join(VISION_PRECISIONS)}")
+    if not precisions or len(set(precisions)) < len(precisions) or not set(precisions) <= set(VISION_PRECISIONS):
+        raise UserError(f"--vision {','.join(precisions)}: give one or more of {', '.join(VISION_PRECISIONS)}, "
+                        "each once")
     method = opts.method if any(v is not None for v in recipe.to_dict()["modules"].values()) else "none"
     mixed = opts.recipe == "mixed"
     if mixed and (method != "gptq" or not 0 <= opts.int8_share <= 1):
@@ -227,8 +232,8 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
 
     clean_stale_staging(out, log)
     stage = staging_dir(out)
-    stage.mkdir(parents=True)
     try:
+        stage.mkdir(parents=True)
         manifest = _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, precisions, log)
         manifest["export"] = {"seconds": round(time.perf_counter() - t_start, 1), "estimated_bytes": estimate,
                               "planned_peak_bytes": memory["peak"], "memory_plan": memory,
@@ -298,7 +303,9 @@ def _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, 
 
     files = sorted(p.name for p in stage.iterdir())
     hashes, progress = {}, ProgressLine("sha256")
+    mode = 0o666 & ~_umask()  # some writers make 0600 files; a bundle is read by whoever runs it
     for i, name in enumerate(files):
+        os.chmod(stage / name, mode)
         hashes[name] = {"bytes": (stage / name).stat().st_size, "sha256": sha256_file(stage / name)}
         progress(i + 1, len(files))
     tok = processor.tokenizer

@@ -43,13 +43,13 @@ def tiny_rtn_bundle(tmp_path_factory) -> Path:
 
 
 def small_mixed_bundle(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """Small (MLA), mixed recipe (per-expert INT8/INT4 from the allocation) by GPTQ on 4 calibration samples, for
+    """Small (MLA), mixed recipe (per-expert INT8/INT4 from the allocation) by GPTQ on 2 calibration samples, for
     the cpu-kiosk profile (so its vision graph is the profile's int8), fidelity skipped; made with the CLI. Returns
     (bundle, the export's CompletedProcess)."""
     if "small-mixed" not in _cache:
         out = tmp_path_factory.mktemp("bundle") / "small-mixed"
         proc = cli("export", "--model", checkpoint(tmp_path_factory, "small"), "--recipe", "mixed", "--method", "gptq",
-                   "--calib-samples", "4", "--fidelity-samples", "0", "--device", "cpu-kiosk", "--out", out)
+                   "--calib-samples", "2", "--fidelity-samples", "0", "--device", "cpu-kiosk", "--out", out)
         assert proc.returncode == 0, proc.stderr
         (tmp_path_factory.getbasetemp() / "small-mixed-export.log").write_text(proc.stderr)
         _cache["small-mixed"] = (out, proc)
