@@ -1,9 +1,9 @@
 """`edge-vl2 vision-bench`: the vision tower + projector per tile, PyTorch fp32 against ONNX Runtime at each
 precision, in one run, on the processor's tiles of one image.
 
-Steps: read only the tower + projector (fp32) from the checkpoint, time PyTorch, export every graph to a temporary
-folder (unvalidated: a benchmark reports the differences rather than refusing them), free the PyTorch model, then
-per precision open a session, warm it up, time it and compare it with the PyTorch outputs. Both sides use the same
+Steps: read only the tower + projector (fp32) from the checkpoint, time PyTorch and free it, export every graph to
+a temporary folder in child processes (unvalidated: a benchmark reports the differences rather than refusing them),
+then per precision open a session, warm it up, time it and compare it with the PyTorch outputs. Both sides use the same
 threads and tiles per run. Timing hygiene (DESIGN): GOMP_SPINCOUNT is set before torch is first imported (small
 torch ops otherwise stall a flat 8 ms); the host is noisy, so compare within one run: medians and ratios.
 
@@ -133,7 +133,7 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
     gc.collect()
 
     with tempfile.TemporaryDirectory(prefix="vision-bench.") as tmp:
-        say(f"exporting {', '.join(precisions)} in a child process")
+        say(f"exporting {', '.join(precisions)} in child processes")
         exported = _export_in_child(model_dir, tmp, precisions)
         for precision in precisions:
             runner = OrtVisionRunner(Path(tmp) / f"vision-{precision}.onnx", threads=threads, batch=batch)
@@ -158,31 +158,36 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
 
 
 def _export_in_child(model_dir: str | Path, out_dir: str, precisions) -> dict:
-    """Export in a child process, so the export's peak (the fp16 conversion holds ~2.7x the fp32 weights) is
-    returned to the system before the sessions are timed instead of stacking on them."""
-    args = [sys.executable, "-m", "edge_vl2.export.vision_bench", str(model_dir), out_dir, *precisions]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"exporting the vision graphs failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Export in child processes, so the export's peaks are returned to the system before the sessions are timed
+    instead of stacking on them: one traces the fp32 graph (the exporter keeps the PyTorch weights alive until its
+    process ends), a second converts it to fp16 / int8 (~3x the fp32 weights at peak) without them."""
+    steps = [["fp32"]] + ([[p for p in precisions if p != "fp32"]] if set(precisions) - {"fp32"} else [])
+    graphs, peak = {}, 0
+    for step in steps:
+        args = [sys.executable, "-m", "edge_vl2.export.vision_bench", str(model_dir), out_dir, *step]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"exporting the vision graphs failed: {tail}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        graphs.update(result["graphs"])
+        peak = max(peak, result["peak_rss_mb"])
+    return {"graphs": graphs, "peak_rss_mb": peak}
 
 
 def _export_all(model_dir: str, out_dir: str, precisions: list[str]) -> dict:
-    """The child's work: every graph as `vision-<precision>.onnx` in `out_dir` (unvalidated), its size and time;
-    the fp32 graph is always written (the others are converted from it)."""
+    """A child's work: each graph as `vision-<precision>.onnx` in `out_dir` (unvalidated), its size and time;
+    fp16 and int8 are converted from the fp32 graph already there."""
     from .vision_onnx import load_vision_graph, write_vision_graph
 
     out, graphs = Path(out_dir), {}
-    fp32 = out / "vision-fp32.onnx"
-    for precision in ["fp32"] + [p for p in precisions if p != "fp32"]:  # fp16 and int8 derive from the fp32 file
+    for precision in precisions:
         t0 = time.perf_counter()
         path = out / f"vision-{precision}.onnx"
         if precision == "fp32":
             write_vision_graph(load_vision_graph(model_dir), path, "fp32")
-            gc.collect()  # the PyTorch tower is gone before the conversions' peak
         else:
-            write_vision_graph(None, path, precision, fp32_graph=fp32)
+            write_vision_graph(None, path, precision, fp32_graph=out / "vision-fp32.onnx")
         size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(path.name))
         graphs[precision] = {"export_s": round(time.perf_counter() - t0, 1), "graph_mb": round(size / 2**20, 1)}
     return {"graphs": graphs, "peak_rss_mb": _rss_mb()}

@@ -142,7 +142,7 @@ def write_vision_graph(model: DeepseekVL2 | VisionGraph | None, path: str | Path
                        fp32_graph: str | Path | None = None) -> None:
     """Write the graph at `path` with no validation and no staging (`export_vision`'s and the benchmark's step).
     `fp32_graph`: derive fp16 / int8 from this fp32 graph file (`model` is then unused): no second trace, and the
-    conversion's memory peak (~2.7x the fp32 weights) need not stack on the PyTorch model's."""
+    conversion's memory peak (~3x the fp32 weights) need not stack on the PyTorch model's."""
     _check_request(precision, opset)
     path = Path(path)
     if fp32_graph is not None and precision != "fp32":
