@@ -229,5 +229,40 @@ def vision_bench(model, image, precisions, repeats, max_tiles, threads, as_json)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
+@main.command()
+@click.option("--variant", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--configs", default="bf16,int8,int4,nf4,llm.int8", show_default=True,
+              help="Comma-separated, from bf16, int8, int4 (cpu backend), nf4, llm.int8 (bitsandbytes).")
+@click.option("--prefill-tokens", default=1024, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1),
+              help="Interleaved rounds over the configurations (one prefill each).")
+@click.option("--decode-steps", default=20, show_default=True, type=click.IntRange(1),
+              help="Decode steps per configuration per round.")
+@click.option("--interleave/--one-at-a-time", default=True, show_default=True,
+              help="Keep all configurations resident and alternate them (fairest), or build, time and free each "
+                   "in turn (less memory: Small).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads [default: torch's choice].")
+@click.option("--size", type=click.Choice(["full", "test"]), default="full", show_default=True,
+              help="test: the synthetic test dimensions (hidden 64, 8 experts), to check the command quickly.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@one_line_errors
+def qbench(variant, configs, prefill_tokens, rounds, decode_steps, interleave, threads, size, seed):
+    """Time ONE MoE layer at the variant's real size (synthetic weights): bf16 vs INT8/INT4 vs bitsandbytes, one
+    decode token and a prefill, in one run; one JSON record per configuration with ratios to bf16."""
+    import json
+    import os
+
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")  # before torch is imported: see DESIGN, 8 ms OpenMP stalls
+    from .qbench import CONFIGS, run_qbench
+
+    names = [c.strip() for c in configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if not names or unknown:
+        raise UserError(f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+    for record in run_qbench(variant, names, prefill_tokens, rounds, decode_steps, seed, interleave, threads, size,
+                             progress=lambda msg: click.echo(msg, err=True)):
+        click.echo(json.dumps(record))
+
+
 if __name__ == "__main__":
     main()
