@@ -211,7 +211,8 @@ def preset(name: str) -> Recipe:
     int4      routed experts INT4 g128; attention, dense MLP and shared experts INT4 g64 (they see every token,
               anchors §4 consensus: >= routed precision); lm_head INT8 (its error lands on the logits directly).
     int4-gN   int4 with the routed experts at group N (16, 32, 64, 128...): the uniform baselines of `mixed`.
-    mixed     int4 as the base; `allocate.allocate` adds per-expert INT8 overrides under a byte budget.
+    mixed     int4 as the base; `allocate.allocate` picks each routed expert's format (INT4 group sizes, INT8) under a
+              byte budget and `allocate.mixed_recipe` writes the choice as per-expert overrides.
     bf16      nothing quantized (the reference).
     """
     if name == "bf16":

@@ -1,8 +1,19 @@
-"""Shared test paths: the official fixtures live in ../shared beside the repository and are read in place."""
+"""Shared test paths: the official fixtures live in ../shared beside the repository and are read in place.
 
+Without a CUDA device the cuda backend's Triton kernels are tested through Triton's CPU interpreter. TRITON_INTERPRET
+must be set before anything imports triton (transformers does, through torch), because triton.language's own jit
+helpers (tl.sum, tl.zeros) are built as compiled or interpreted functions when triton is first imported; set any later,
+the kernels run interpreted but their calls into triton.language fail. conftest is loaded before any test module.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -16,25 +16,21 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # run the cuda backend's Triton kernels through Triton's CPU interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from conftest import OFFICIAL, TINY_LIKE  # noqa: E402
-from edge_vl2.generate import SamplingParams  # noqa: E402
-from edge_vl2.kernels import triton_status  # noqa: E402
-from edge_vl2.model import load_model  # noqa: E402
-from edge_vl2.moe import Router, StackedExperts  # noqa: E402
-from edge_vl2.pipeline import VL2Pipeline  # noqa: E402
-from edge_vl2.processor import Processor  # noqa: E402
-from edge_vl2.qexperts import QuantExperts, concat_out  # noqa: E402
-from edge_vl2.qlinear import QuantLinear  # noqa: E402
-from edge_vl2.quantize.formats import QuantSpec, quantize_rtn_int4, quantize_rtn_int8  # noqa: E402
-from edge_vl2.quantized_model import describe_quantized, quantize_model_, rtn_quantize_decoder  # noqa: E402
+from conftest import OFFICIAL, TINY_LIKE
+from edge_vl2.generate import SamplingParams
+from edge_vl2.kernels import triton_status
+from edge_vl2.model import load_model
+from edge_vl2.moe import Router, StackedExperts
+from edge_vl2.pipeline import VL2Pipeline
+from edge_vl2.processor import Processor
+from edge_vl2.qexperts import QuantExperts, concat_out
+from edge_vl2.qlinear import QuantLinear
+from edge_vl2.quantize.formats import QuantSpec, quantize_rtn_int4, quantize_rtn_int8
+from edge_vl2.quantized_model import describe_quantized, quantize_model_, rtn_quantize_decoder
 
 E, H, I, K = 8, 64, 32, 3
 TRITON_OK, TRITON_WHY = triton_status()

@@ -20,18 +20,13 @@ re-quantizes (NF4 / LLM.int8), so it is checked against the weight bitsandbytes 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # run the cuda backend's Triton kernels through Triton's CPU interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from edge_vl2.kernels import triton_status  # noqa: E402
-from edge_vl2.qlinear import BACKENDS, QuantLinear, available_backends  # noqa: E402
-from edge_vl2.qops import CpuInt4Op, int4_scales_and_zeros  # noqa: E402
-from edge_vl2.quantize.formats import Int4Weight, Int8Weight, quantize_rtn_int4, quantize_rtn_int8  # noqa: E402
+from edge_vl2.kernels import triton_status
+from edge_vl2.qlinear import BACKENDS, QuantLinear, available_backends
+from edge_vl2.qops import CpuInt4Op, int4_scales_and_zeros
+from edge_vl2.quantize.formats import Int4Weight, Int8Weight, quantize_rtn_int4, quantize_rtn_int8
 
 U = 2.0 ** -9  # bf16 unit roundoff
 REL_FRO = 1e-2

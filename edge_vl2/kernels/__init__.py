@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 
 def triton_interpreting() -> bool:
@@ -21,9 +22,22 @@ def triton_status() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
     if triton_interpreting():
+        if _imported_before_interpret_was_set():
+            return False, ("TRITON_INTERPRET=1 was set after triton was imported; set it before Python starts "
+                           "(triton.language's own helpers were built for compilation, not the interpreter)")
         return True, "triton interpreter (TRITON_INTERPRET=1, CPU tensors)"
     import torch
 
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU for testing)"
     return True, f"triton on {torch.cuda.get_device_name()}"
+
+
+def _imported_before_interpret_was_set() -> bool:
+    """triton.language's jit helpers (tl.sum, tl.zeros) are compiled-mode functions when triton was imported before
+    TRITON_INTERPRET=1; interpreted kernels calling them fail with "Cannot call @triton.jit'd outside of a kernel"."""
+    if "triton.language" not in sys.modules:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(sys.modules["triton.language"].sum, JITFunction)
