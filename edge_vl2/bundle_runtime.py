@@ -145,6 +145,9 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     model = build_decoder(bundle, backend, device, DTYPES[dtype])
     runner = OrtVisionRunner(bundle.path / graph["file"], providers=choose_providers(profile))
     processor = Processor.from_pretrained(bundle.path)
+    capped = profile is not None and processor.max_tiles() > profile.max_tiles
+    if capped:
+        processor = processor.capped_at(profile.max_tiles)
     if log is not None:  # once, in one line; `describe_quantized(vl2.model)` has each layer's kernel
         from .qexperts import QuantExperts
 
@@ -153,7 +156,8 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
         log(f"bundle {bundle.path.name}: {bundle.manifest['variant']} {bundle.manifest['recipe']['name']}"
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
             f"({n - stacks} quantized linear layers, {stacks} expert stacks), vision {graph['precision']} graph on "
-            f"{', '.join(runner.providers)}")
+            f"{', '.join(runner.providers)}"
+            f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
     return VL2Pipeline(model, processor, bundle.path, tile_encoder=runner.encode_tiles)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +175,25 @@ class Processor:
             _check_model_config(_read_json(model_cfg_path), config, str(model_cfg_path))
         tokenizer = Tokenizer.from_pretrained(model_dir, image_token=config.image_token)
         return cls(tokenizer, config)
+
+    def max_tiles(self) -> int:
+        """Most tiles one image can produce: the global view plus the largest candidate grid."""
+        S = self.config.image_size
+        return 1 + max((w // S) * (h // S) for w, h in self.config.candidate_resolutions)
+
+    def capped_at(self, max_tiles: int) -> "Processor":
+        """This processor with the candidate grids limited to `max_tiles` tiles per image (global view included).
+
+        A device profile's cap: on a CPU kiosk one tile is seconds of compute, so a wide photo is read at 2x1 tiles
+        instead of 3x3. Images then get fewer image tokens than the official processor gives them (documented
+        deviation, only when a profile asks for it); the tile side stays the first candidate's.
+        """
+        S = self.config.image_size
+        kept = tuple((w, h) for w, h in self.config.candidate_resolutions if 1 + (w // S) * (h // S) <= max_tiles)
+        if not kept or kept[0][0] != S:
+            raise UserError(f"a cap of {max_tiles} tiles per image leaves no candidate grid (the smallest needs "
+                            f"{1 + min((w // S) * (h // S) for w, h in self.config.candidate_resolutions)})")
+        return Processor(self.tokenizer, replace(self.config, candidate_resolutions=kept))
 
     # ---- pixels -------------------------------------------------------------------------------------------------
 

@@ -120,11 +120,14 @@ def test_run_small_mixed_bundle_for_its_device(tmp_path_factory):
     it: the cpu INT4 kernel needs out_features % 16 == 0, which test-size MLA's kv_a_proj (32 + 8 rows) is not (the
     real Small's is 576)."""
     bundle, _ = small_mixed_bundle(tmp_path_factory)
+    photo = IMAGES / "multi_image_3.jpeg"  # 1280x720: 4x2 local tiles + global uncapped; the kiosk caps at 3
     proc = cli("run", "--bundle", bundle, "--device", "cpu-kiosk", "--backend", "reference", "--max-new-tokens", "4",
-               "Hello there")
+               "--image", photo, "--stats", "<image>\nHello there")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "vision int8 graph" in proc.stderr and "expert stacks" in proc.stderr
+    assert "at most 3 tiles per image (cpu-kiosk)" in proc.stderr
+    assert "(3 tiles)" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_inspect(tmp_path_factory):

@@ -56,6 +56,24 @@ def test_candidates_are_all_grids_of_at_most_nine_tiles(proc):
     assert proc.config.image_size == 384 and proc.config.pad_color == (127, 127, 127)
 
 
+def test_a_device_tile_cap_limits_the_grids_and_the_image_tokens(proc):
+    """A profile's max_tiles counts the global view: 3 leaves 1x1, 1x2 and 2x1; a 1280x720 photo (4x2 uncapped) is
+    then read at 2x1, with the token count of that grid; the official processor itself is unchanged."""
+    assert proc.max_tiles() == 10
+    kiosk = proc.capped_at(3)
+    assert set(kiosk.config.candidate_resolutions) == {(384, 384), (384, 768), (768, 384)}
+    assert kiosk.config.image_size == 384 and kiosk.max_tiles() == 3
+    photo = Image.open(PHOTOS / "multi_image_3.jpeg")
+    assert select_best_resolution(photo.size, proc.config.candidate_resolutions) == (1536, 768)
+    out = kiosk.process_prompt("<image>\nWhat is shown?", [photo])
+    assert out.pixel_values.shape[0] == 3 and tuple(out.images_spatial_crop[0].tolist()) == (2, 1)
+    assert out.num_image_tokens == [num_image_tokens(2, 1)]
+    assert proc.process_prompt("<image>\nWhat is shown?", [photo]).pixel_values.shape[0] == 9
+    assert proc.capped_at(10).config == proc.config
+    with pytest.raises(UserError, match="leaves no candidate grid"):
+        proc.capped_at(1)
+
+
 @pytest.mark.parametrize("size,best", [
     ((384, 384), (384, 384)), ((100, 50), (384, 384)), ((384, 200), (384, 384)), ((1, 1), (384, 384)),
     ((400, 400), (768, 768)), ((640, 480), (768, 768)),
