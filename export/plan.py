@@ -224,6 +224,26 @@ def available_memory() -> int:
     return proc_bytes("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def gptq_work_bytes(cfg: VL2Config) -> int:
+    """Working set of GPTQ on the largest decoder layer (quantize/model_gptq.py, batched_gptq.py): the layer in fp32
+    twice (the reference copy and the one receiving dequantized weights) plus its bf16 originals; two Hessians per
+    routed expert (routed and all-tokens) for each input width (hidden, expert intermediate); the batched solver's
+    temporaries over all experts at once (float64 Hessian copy, fp32 inverse factor, fp32 weights and codes)."""
+    lc = cfg.language
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg, with_vision=False)
+    per_layer: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        if ".layers." in n:
+            key = n.split(".layers.")[1].split(".")[0]
+            per_layer[key] = per_layer.get(key, 0) + p.numel()
+    layer = max(per_layer.values())
+    e, h, i = lc.n_routed_experts, lc.hidden_size, lc.moe_intermediate_size
+    hessians = 2 * 4 * e * (h * h + i * i)
+    solver = e * (8 * h * h + 4 * h * h + 2 * 4 * h * i)
+    return (2 * 4 + 2) * layer + hessians + solver
+
+
 def plan_memory(cfg: VL2Config, plans: list[TensorPlan], method: str, fidelity: bool, shard_bytes: int,
                 vision_precisions: list[str]) -> dict[str, int]:
     """Planned peak resident bytes per stage and overall ("peak"); see the constants for the formulas."""
@@ -235,7 +255,7 @@ def plan_memory(cfg: VL2Config, plans: list[TensorPlan], method: str, fidelity: 
     in_memory = int(model_bytes(cfg) * (1 + IN_MEMORY_OVERHEAD)) + LOGITS_COPIES * 4 * MAX_TOKENS * \
         cfg.language.vocab_size
     if method == "gptq":
-        stages["gptq"] = in_memory + quant
+        stages["gptq"] = in_memory + quant + gptq_work_bytes(cfg)
     else:
         stages["decoder"] = 2 * max(shard_bytes, largest) + BLOCK_WORK_BYTES + expert_stack
     if fidelity:  # the written shards are memory-mapped and read back into the model: their pages count too
