@@ -105,8 +105,8 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
         n = timings.get("decode_tokens", 0)
         rate = (n - 1) / timings["decode_s"] if n > 1 and timings.get("decode_s") else float("nan")
         click.echo(f"prompt {inputs.seq_len} tokens ({sum(inputs.num_image_tokens)} image), vision "
-                   f"{timings.get('vision_s', 0):.2f} s ({inputs.pixel_values.shape[0]} tiles), prefill {timings.get('prefill_s', 0):.2f} s, "
-                   f"{n} new tokens, decode {rate:.2f} tok/s", err=True)
+                   f"{timings.get('vision_s', 0):.2f} s ({inputs.pixel_values.shape[0]} tiles), "
+                   f"prefill {timings.get('prefill_s', 0):.2f} s, {n} new tokens, decode {rate:.2f} tok/s", err=True)
 
 
 @main.command()

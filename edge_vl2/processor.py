@@ -185,7 +185,7 @@ class Processor:
         """This processor with the candidate grids limited to `max_tiles` tiles per image (global view included).
 
         A device profile's cap: on a CPU kiosk one tile is seconds of compute, so a wide photo is read at 2x1 tiles
-        instead of 3x3. Images then get fewer image tokens than the official processor gives them (documented
+        instead of up to 9. Images then get fewer image tokens than the official processor gives them (documented
         deviation, only when a profile asks for it); the tile side stays the first candidate's.
         """
         S = self.config.image_size
