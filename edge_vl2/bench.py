@@ -12,13 +12,7 @@ import subprocess
 import sys
 import time
 
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from .procinfo import peak_rss_bytes
 
 
 def measure(model: str, dtype: str, prompt_tokens: int, new_tokens: int, image: str | None, device: str) -> dict:
@@ -56,7 +50,7 @@ def measure(model: str, dtype: str, prompt_tokens: int, new_tokens: int, image: 
     median = steps[len(steps) // 2]
     weight_bytes = sum(p.numel() * p.element_size() for p in vl2.model.language.parameters())
     return {"model": str(model), "dtype": dtype, "device": device, "threads": torch.get_num_threads(),
-            "load_s": round(load_s, 2), "peak_rss_mb": round(_peak_rss_mb()),
+            "load_s": round(load_s, 2), "peak_rss_mb": round(peak_rss_bytes() / 2**20),
             "prompt_tokens": int(embeds.shape[0]), "image_tiles": int(inputs.pixel_values.shape[0]),
             "vision_s": round(vision_s, 3), "prefill_s": round(prefill_s, 3),
             "prefill_tok_s": round(embeds.shape[0] / prefill_s, 1),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import socket
 import sys
@@ -39,11 +38,12 @@ from edge_vl2.device_profiles import check_fit, load_device
 from edge_vl2.errors import UserError
 from edge_vl2.model import load_model
 from edge_vl2.processor import Processor
+from edge_vl2.procinfo import available_memory, peak_rss_bytes
 from edge_vl2.quantize.recipe import INT8, PRESETS, Recipe, preset
 
 from . import toolchain
 from .decoder_export import ShardWriter, stream_rtn, write_quantized
-from .plan import GB, SourceReader, available_memory, plan_decoder, plan_memory, proc_bytes, vision_bytes
+from .plan import GB, SourceReader, plan_decoder, plan_memory, vision_bytes
 
 STAGING_TAG = "edge-vl2-staging"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
@@ -165,13 +165,6 @@ def _umask() -> int:
     return mask
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory. VmHWM belongs to the current program image; ru_maxrss would also count
-    the parent's pages a fork-then-exec child briefly mapped (a small export launched from a big process would
-    report the parent's size)."""
-    return proc_bytes("/proc/self/status", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dict:
     """Write the bundle `opts.out` from `opts.model`; returns its manifest. Nothing is left at `opts.out` (or beside
     it) unless the whole export succeeded."""
@@ -237,7 +230,7 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
         manifest = _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, precisions, log)
         manifest["export"] = {"seconds": round(time.perf_counter() - t_start, 1), "estimated_bytes": estimate,
                               "planned_peak_bytes": memory["peak"], "memory_plan": memory,
-                              "peak_rss_bytes": peak_rss(), "device": profile.name if profile else None,
+                              "peak_rss_bytes": peak_rss_bytes(), "device": profile.name if profile else None,
                               "torch": torch.__version__}
         manifest["digest"] = manifest_digest(manifest)
         with open(stage / MANIFEST, "w", encoding="ascii") as f:

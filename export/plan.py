@@ -208,22 +208,6 @@ def model_bytes(cfg: VL2Config) -> int:
     return sum(p.numel() * (4 if n.startswith(("vision.", "projector.")) else 2) for n, p in model.named_parameters())
 
 
-def proc_bytes(path: str, field: str) -> int | None:
-    """A `Field:  N kB` line of a Linux /proc file, in bytes (None elsewhere)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def available_memory() -> int:
-    """MemAvailable (what can be had now without swapping), else total RAM."""
-    return proc_bytes("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def gptq_work_bytes(cfg: VL2Config) -> int:
     """Working set of GPTQ on the largest decoder layer (quantize/model_gptq.py, batched_gptq.py): the layer in fp32
     twice (the reference copy and the one receiving dequantized weights) plus its bf16 originals; two Hessians per

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from edge_vl2.errors import UserError
+from edge_vl2.procinfo import peak_rss_bytes
 
 TIMING_ENV = {"GOMP_SPINCOUNT": "100000"}  # or OMP_WAIT_POLICY=PASSIVE; an explicit user setting wins
 
@@ -52,14 +53,6 @@ def generated_card(width: int = 1024, height: int = 704):
     for row in range(8):
         draw.text((40, 40 + 40 * row), "edge-vl2 vision bench 0123456789 " * 3, fill=(0, 0, 0))
     return img
-
-
-def _rss_mb(field: str = "VmHWM") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 1024)
-    return float("nan")
 
 
 def _cpu_name() -> str:
@@ -128,7 +121,7 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
     say(f"PyTorch fp32, {repeats} runs")
     torch_ms, torch_runs, reference = _time_per_tile(torch_encode, tiles, repeats, batch)  # [N, 196, H]
     records = [{"backend": "torch", "precision": "fp32", "ms_per_tile": round(torch_ms, 2), "runs_ms": torch_runs,
-                "ratio": 1.0, "peak_rss_mb": _rss_mb()}]
+                "ratio": 1.0, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}]
     del graph, torch_encode  # from here on only the ONNX Runtime sessions hold weights
     gc.collect()
 
@@ -145,7 +138,7 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
                             **{k: figures[k] for k in ("max_abs", "max_rel", "cosine_min", "cosine_mean")},
                             "tolerance_ok": not tolerance_failures(figures, TOLERANCES[precision]),
                             "providers": runner.providers, **exported["graphs"][precision],
-                            "peak_rss_mb": _rss_mb()})
+                            "peak_rss_mb": round(peak_rss_bytes() / 2**20)})
             del runner
             gc.collect()
 
@@ -153,7 +146,7 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
              "tiles": len(tiles), "batch": batch, "threads": threads, "repeats": repeats,
              "vision_params": params, "cpu": _cpu_name(), "timing_env": env,
              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-             "export_peak_rss_mb": exported["peak_rss_mb"], "peak_rss_mb": _rss_mb()}
+             "export_peak_rss_mb": exported["peak_rss_mb"], "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
     return {"setup": setup, "records": records}
 
 
@@ -190,7 +183,7 @@ def _export_all(model_dir: str, out_dir: str, precisions: list[str]) -> dict:
             write_vision_graph(None, path, precision, fp32_graph=out / "vision-fp32.onnx")
         size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(path.name))
         graphs[precision] = {"export_s": round(time.perf_counter() - t0, 1), "graph_mb": round(size / 2**20, 1)}
-    return {"graphs": graphs, "peak_rss_mb": _rss_mb()}
+    return {"graphs": graphs, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
 
 
 def format_table(result: dict) -> str:

@@ -17,7 +17,6 @@ so no second copy of the decoder is ever held.
 from __future__ import annotations
 
 import re
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Callable
 import torch
 
 from edge_vl2.errors import UserError
+from edge_vl2.procinfo import peak_rss_bytes
 
 from .calibration import MODES, CalibrationSet, decoder_inputs, encode_samples
 from .formats import QuantSpec
@@ -147,7 +147,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
             say(f"{cfg.label}: quantized in {run['quantize_seconds']} s, compared in {run['compare_seconds']} s")
             del result
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)
+    report["peak_rss_gb"] = round(peak_rss_bytes() / GB, 2)
     return report
 
 
