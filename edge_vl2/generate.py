@@ -7,9 +7,9 @@ from typing import Iterator
 
 import torch
 
-from .cache import StaticCache
-from .decoder import LanguageModel
 from .errors import UserError
+from .model.cache import StaticCache
+from .model.decoder import LanguageModel
 
 
 @dataclass(frozen=True)

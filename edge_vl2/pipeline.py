@@ -17,21 +17,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from .devices.profiles import DeviceProfile, check_fit, load_device
+from .dtypes import resolve_dtypes
 from .generate import SamplingParams, generate_tokens
-from .grounding import parse_grounding
-from .model import DeepseekVL2, load_model
-from .processor import Processor, ProcessorOutput
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtypes(dtype: str, device: str) -> tuple[torch.dtype, torch.dtype]:
-    """(decoder dtype, vision dtype). `auto`: bf16 everywhere on CUDA; on CPU a bf16 decoder (memory-bound matmuls
-    gain from half the bytes) and an fp32 vision tower (CPU bf16 convolutions and 729-token attention are ~5x slower)."""
-    if dtype == "auto":
-        return (torch.bfloat16, torch.bfloat16) if str(device).startswith("cuda") else (torch.bfloat16, torch.float32)
-    return DTYPES[dtype], DTYPES[dtype]
+from .inputs.grounding import parse_grounding
+from .inputs.processor import Processor, ProcessorOutput
+from .model.vl2 import DeepseekVL2, load_model
 
 
 @dataclass
@@ -55,20 +46,26 @@ class VL2Pipeline:
         self.tile_encoder = tile_encoder or model.encode_tiles
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu") -> "VL2Pipeline":
-        """`model`: a local checkpoint folder in the official layout, or a Hub id (downloaded where a network exists)."""
+    def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu",
+                        device_profile: str | DeviceProfile | None = None) -> "VL2Pipeline":
+        """Reference mode: `model` is a local checkpoint folder in the official layout, or a Hub id (downloaded where
+        a network exists). With `device_profile`, a model that cannot fit it is refused from its headers first."""
         decoder_dtype, vision_dtype = resolve_dtypes(dtype, device)
+        if device_profile is not None:
+            _check_reference_fit(model, device_profile, decoder_dtype, vision_dtype)
         vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
         return cls(vl2, Processor.from_pretrained(model_dir), model_dir)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str | None = None, device_profile=None, verify: bool = True,
+    def from_bundle(cls, path: str | Path, backend: str | None = None,
+                    device_profile: str | DeviceProfile | None = None, verify: bool = True,
                     dtype: str = "bf16") -> "VL2Pipeline":
         """An exported bundle, validated (sha256 unless `verify=False`), checked against `device_profile`, decoder
-        repacked for `backend`, vision in ONNX Runtime (see edge_vl2.bundle_runtime)."""
-        from .bundle_runtime import load_bundle
+        repacked for `backend`, vision in ONNX Runtime (see edge_vl2.bundle.loader)."""
+        from .bundle.loader import load_bundle
 
-        return load_bundle(path, backend=backend, device_profile=device_profile, verify=verify, dtype=dtype)
+        parts = load_bundle(path, backend=backend, device_profile=device_profile, verify=verify, dtype=dtype)
+        return cls(parts.model, parts.processor, parts.path, tile_encoder=parts.tile_encoder)
 
     def prepare(self, prompt: str, images=(), system: str | None = None,
                 history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False) -> ProcessorOutput:
@@ -133,3 +130,20 @@ class VL2Pipeline:
         """Grounding boxes in `text`, mapped to pixels of the last image (the one the official demo draws on:
         with two images, grounding prompts ask about the second)."""
         return parse_grounding(text, inputs.image_sizes[-1] if inputs.image_sizes else None)
+
+
+def _check_reference_fit(model: str | Path, device_profile: str | DeviceProfile, decoder_dtype: torch.dtype,
+                         vision_dtype: torch.dtype) -> None:
+    """Refuse, from the checkpoint's headers alone, a model whose weights in the dtypes it would run in plus a
+    full-context cache exceed the profile's budget."""
+    from .model.cache import cache_bytes
+    from .model.checkpoint import open_checkpoint
+
+    profile = load_device(device_profile) if isinstance(device_profile, str) else device_profile
+    _, cfg, _ = open_checkpoint(model)
+    with torch.device("meta"):
+        vl2 = DeepseekVL2(cfg)
+    weights = sum(p.numel() * (vision_dtype if n.startswith(("vision.", "projector.")) else decoder_dtype).itemsize
+                  for n, p in vl2.named_parameters())
+    check_fit(profile, weights, cache_bytes(cfg.language, itemsize=decoder_dtype.itemsize),
+              f"{model} in reference mode ({cfg.variant}, unquantized)")

@@ -1,4 +1,4 @@
-"""Checkpoint -> bundle (schema v1, see DESIGN.md and edge_vl2/bundle.py): `export_bundle(ExportOptions(...))`.
+"""Checkpoint -> bundle (schema v1: docs/bundle-format.md, edge_vl2.bundle.manifest): `export_bundle(ExportOptions(...))`.
 
 Order of work, each stage freeing what it loaded before the next:
 1. plan from headers only: decoder tensors and their formats, estimated bundle size, planned peak memory per stage;
@@ -31,17 +31,18 @@ from typing import Callable
 import torch
 
 from edge_vl2 import __version__
-from edge_vl2.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, cache_bytes, canonical_json, manifest_digest, \
-    sha256_file
-from edge_vl2.checkpoint import open_checkpoint
-from edge_vl2.device_profiles import check_fit, load_device
+from edge_vl2.bundle.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, Manifest
+from edge_vl2.bundle.reader import sha256_file
+from edge_vl2.devices.profiles import check_fit, load_device
 from edge_vl2.errors import UserError
-from edge_vl2.model import load_model
-from edge_vl2.processor import Processor
+from edge_vl2.export import toolchain
+from edge_vl2.inputs.processor import Processor
+from edge_vl2.model.cache import cache_bytes
+from edge_vl2.model.checkpoint import open_checkpoint
+from edge_vl2.model.vl2 import load_model
 from edge_vl2.procinfo import available_memory, peak_rss_bytes
 from edge_vl2.quantize.recipe import INT8, PRESETS, Recipe, preset
 
-from . import toolchain
 from .decoder_export import ShardWriter, stream_rtn, write_quantized
 from .plan import GB, SourceReader, plan_decoder, plan_memory, vision_bytes
 
@@ -61,7 +62,7 @@ class ExportOptions:
     recipe: str = "int4"  # int4 | int8 | mixed | bf16 | path to a recipe JSON
     method: str = "gptq"  # gptq (calibrated, model in memory) | rtn (streamed, any size)
     mode: str = "blend"  # GPTQ routed-expert Hessians: routed | all-tokens | blend
-    calib: str | None = None  # folder of calibration images (default: rendered documents, charts, receipts)
+    calib_dir: str | None = None  # folder of calibration images (default: rendered documents, charts, receipts)
     calib_samples: int = 32
     fidelity_samples: int = 4  # held-out samples; 0 skips (recorded as skipped)
     vision: tuple[str, ...] | None = None  # graph precisions; default from the device profile, else DEFAULT_VISION
@@ -165,19 +166,73 @@ def _umask() -> int:
     return mask
 
 
-def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dict:
+@dataclass
+class ExportPlan:
+    """Everything decided before the first byte is written: the source, the recipe, the tensor plans, the vision
+    graphs, and the size and memory estimates the export was allowed to start on."""
+
+    model_dir: Path
+    cfg: object  # VL2Config
+    ckpt: object  # the checkpoint reader (weight map)
+    processor: Processor
+    recipe: Recipe
+    method: str  # gptq | rtn | none (a recipe that quantizes nothing)
+    plans: list
+    precisions: list[str]
+    estimate: int
+    memory: dict[str, int]
+    profile: object | None  # DeviceProfile
+
+
+def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> Manifest:
     """Write the bundle `opts.out` from `opts.model`; returns its manifest. Nothing is left at `opts.out` (or beside
     it) unless the whole export succeeded."""
     t_start = time.perf_counter()
     out = Path(opts.out).expanduser()
     if out.exists():
         raise UserError(f"{out}: already exists; choose a new folder (a bundle is never overwritten)")
+    plan = plan_export(opts, log)
+    clean_stale_staging(out, log)
+    stage = staging_dir(out)
+    try:
+        stage.mkdir(parents=True)
+        manifest = replace(_write(opts, plan, stage, log), export={
+            "seconds": round(time.perf_counter() - t_start, 1), "estimated_bytes": plan.estimate,
+            "planned_peak_bytes": plan.memory["peak"], "memory_plan": plan.memory, "peak_rss_bytes": peak_rss_bytes(),
+            "device": plan.profile.name if plan.profile else None, "torch": torch.__version__}).with_digest()
+        with open(stage / MANIFEST, "w", encoding="ascii") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        if out.exists():
+            raise UserError(f"{out}: appeared while exporting; the new bundle is not published")
+        os.rename(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    total = manifest.file_bytes(manifest.files)
+    log(f"wrote {out}: {total / GB:.3f} GB (estimated {plan.estimate / GB:.3f} GB), peak RSS "
+        f"{manifest.export['peak_rss_bytes'] / GB:.2f} GB (planned {plan.memory['peak'] / GB:.1f} GB), "
+        f"{manifest.export['seconds']:.0f} s")
+    return manifest
+
+
+def _check_options(opts: ExportOptions) -> None:
     if opts.method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
     if opts.fidelity_samples < 0 or opts.calib_samples < 1 or opts.shard_gb <= 0:
         raise UserError("--fidelity-samples must be >= 0, --calib-samples >= 1 and --shard-gb > 0")
-    if opts.calib is not None and not Path(opts.calib).is_dir():
-        raise UserError(f"--calib {opts.calib}: no such folder")
+    if opts.calib_dir is not None and not Path(opts.calib_dir).is_dir():
+        raise UserError(f"--calib-dir {opts.calib_dir}: no such folder")
+    if opts.recipe == "mixed" and (opts.method != "gptq" or not 0 <= opts.int8_share <= 1):
+        raise UserError("recipe mixed chooses INT8 experts from calibration data: it needs --method gptq and "
+                        "0 <= --int8-share <= 1")
+
+
+def plan_export(opts: ExportOptions, log: Callable[[str], None]) -> ExportPlan:
+    """Stage 1, from headers only: what will be written, how big, how much memory each stage needs; refused here
+    (nothing written) when the memory plan exceeds what the machine has, or `--device` cannot fit the bundle."""
+    _check_options(opts)
     recipe = resolve_recipe(opts.recipe)
     profile = load_device(opts.device) if opts.device else None
     precisions = list(opts.vision or [profile.vision_precision if profile else DEFAULT_VISION])
@@ -185,24 +240,17 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
         raise UserError(f"--vision {','.join(precisions)}: give one or more of {', '.join(VISION_PRECISIONS)}, "
                         "each once")
     method = opts.method if any(v is not None for v in recipe.to_dict()["modules"].values()) else "none"
-    mixed = opts.recipe == "mixed"
-    if mixed and (method != "gptq" or not 0 <= opts.int8_share <= 1):
-        raise UserError("recipe mixed chooses INT8 experts from calibration data: it needs --method gptq and "
-                        "0 <= --int8-share <= 1")
-
-    # 1. plan, from headers only
     model_dir, cfg, ckpt = open_checkpoint(opts.model)
     processor = Processor.from_pretrained(model_dir)  # a broken tokenizer fails now, not after the decoder
     plans = plan_decoder(cfg, recipe)
     decoder_est = sum(p.nbytes for p in plans)
-    if mixed:  # the allocation spends int8_share of the INT4 -> INT8 difference of the routed experts
+    if opts.recipe == "mixed":  # the allocation spends int8_share of the INT4 -> INT8 difference of the routed experts
         high = plan_decoder(cfg, replace(recipe, routed_experts=INT8))
         decoder_est += int(opts.int8_share * sum(h.nbytes - p.nbytes for h, p in zip(high, plans) if p.stacked))
     graph_est = {p: vision_bytes(cfg, p) for p in precisions}
     files_est = sum((model_dir / f).stat().st_size for f in TOKENIZER_FILES if (model_dir / f).is_file())
     estimate = decoder_est + sum(graph_est.values()) + files_est
-    shard_bytes = int(opts.shard_gb * GB)
-    memory = plan_memory(cfg, plans, method, opts.fidelity_samples > 0, shard_bytes, precisions)
+    memory = plan_memory(cfg, plans, method, opts.fidelity_samples > 0, int(opts.shard_gb * GB), precisions)
     limit = int(opts.max_memory_gb * GB) if opts.max_memory_gb else available_memory()
     log(f"export {cfg.variant} ({model_dir}) recipe {recipe.name}, method {method}, vision {'+'.join(precisions)}")
     log(f"estimated bundle size {estimate / GB:.2f} GB (decoder {decoder_est / GB:.2f} GB, vision "
@@ -210,9 +258,8 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
     log("planned peak memory " + ", ".join(f"{k} {v / GB:.1f} GB" for k, v in memory.items())
         + f"; limit {limit / GB:.1f} GB")
     if profile:
-        graph = precisions[precisions.index(profile.vision_precision)] if profile.vision_precision in precisions \
-            else precisions[0]
-        check_fit(profile, decoder_est + graph_est[graph], cache_bytes(cfg), f"this bundle ({cfg.variant}, "
+        graph = profile.vision_precision if profile.vision_precision in precisions else precisions[0]
+        check_fit(profile, decoder_est + graph_est[graph], cache_bytes(cfg.language), f"this bundle ({cfg.variant}, "
                   f"{recipe.name}, {graph} vision)")
     over = {k: v for k, v in memory.items() if k != "peak" and v > limit}
     if over:
@@ -222,95 +269,31 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> dic
                 "decoder": "lower --shard-gb"}[stage]
         raise UserError(f"the {stage} stage needs about {need / GB:.1f} GB and {limit / GB:.1f} GB is available: "
                         f"{hint}")
-
-    clean_stale_staging(out, log)
-    stage = staging_dir(out)
-    try:
-        stage.mkdir(parents=True)
-        manifest = _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, precisions, log)
-        manifest["export"] = {"seconds": round(time.perf_counter() - t_start, 1), "estimated_bytes": estimate,
-                              "planned_peak_bytes": memory["peak"], "memory_plan": memory,
-                              "peak_rss_bytes": peak_rss_bytes(), "device": profile.name if profile else None,
-                              "torch": torch.__version__}
-        manifest["digest"] = manifest_digest(manifest)
-        with open(stage / MANIFEST, "w", encoding="ascii") as f:
-            f.write(canonical_json(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        if out.exists():
-            raise UserError(f"{out}: appeared while exporting; the new bundle is not published")
-        os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    total = sum(e["bytes"] for e in manifest["files"].values())
-    log(f"wrote {out}: {total / GB:.3f} GB (estimated {estimate / GB:.3f} GB), peak RSS "
-        f"{manifest['export']['peak_rss_bytes'] / GB:.2f} GB (planned {memory['peak'] / GB:.1f} GB), "
-        f"{manifest['export']['seconds']:.0f} s")
-    return manifest
+    return ExportPlan(model_dir, cfg, ckpt, processor, recipe, method, plans, precisions, estimate, memory, profile)
 
 
-def _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, precisions, log) -> dict:
+def _write(opts: ExportOptions, plan: ExportPlan, stage: Path, log: Callable[[str], None]) -> Manifest:
     """Stages 2-6 into `stage`; returns the manifest without its export record and digest."""
+    model_dir, processor = plan.model_dir, plan.processor
     copied = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
     for f in copied:
         shutil.copyfile(model_dir / f, stage / f)
-
-    graphs = toolchain.export_vision_graphs(model_dir, stage, precisions,
-                                            toolchain.validation_images(opts.calib, opts.max_tiles), processor, log)
-
-    writer = ShardWriter(stage, plans, int(opts.shard_gb * GB))
-    model, calibration = None, {}
-    t0 = time.perf_counter()
-    if method == "gptq":
-        model, _ = load_model(model_dir, dtype=torch.bfloat16, vision_dtype=torch.float32)
-        calib = toolchain.calibration(model, processor, opts.calib_samples, opts.calib, opts.max_tiles, log)
-        if opts.recipe == "mixed":
-            recipe, calibration["allocation"] = toolchain.allocate_mixed(model, calib, recipe, opts.int8_share,
-                                                                         opts.mode, log)
-            plans = plan_decoder(cfg, recipe)
-            writer = ShardWriter(stage, plans, int(opts.shard_gb * GB))
-        weights, summary = toolchain.gptq(model, recipe, calib, opts.mode, log)
-        calibration.update(summary)
-        write_quantized(model, weights, plans, writer, ProgressLine("decoder write"))
-        del weights, calib
-    else:
-        stream_rtn(SourceReader(model_dir, ckpt.weight_map), cfg, plans, writer, ProgressLine("decoder"))
-    log(f"decoder: {len(writer.files)} file(s), {time.perf_counter() - t0:.0f} s")
-
-    if opts.fidelity_samples:
-        if model is None:
-            model, _ = load_model(model_dir, dtype=torch.bfloat16, vision_dtype=torch.float32)
-        work = stage / ".work"
-        t0 = time.perf_counter()
-        fidelity = toolchain.fidelity(model, processor, [stage / f for f in writer.files], plans,
-                                      opts.fidelity_samples, work, opts.max_tiles)  # consumes the model
-        shutil.rmtree(work)
-        log(f"fidelity on {fidelity['samples']} held-out samples: KL mean {fidelity['kl_mean']:.5f} "
-            f"p99 {fidelity['kl_p99']:.5f}, top-1 agreement {100 * fidelity['top1_agreement']:.2f} %, routing "
-            f"overlap {fidelity['routing_overlap_mean'] or float('nan'):.4f}, {time.perf_counter() - t0:.0f} s")
-        fidelity = _finite(fidelity)
-    else:
-        fidelity = {"skipped": "--fidelity-samples 0"}
+    graphs = toolchain.export_vision_graphs(model_dir, stage, plan.precisions,
+                                            toolchain.validation_images(opts.calib_dir, opts.max_tiles), processor, log)
+    model, recipe, plans, writer, calibration = _write_decoder(opts, plan, stage, log)
+    fidelity = _fidelity(opts, plan, model, plans, writer, stage, log)
     del model
-
-    files = sorted(p.name for p in stage.iterdir())
-    hashes, progress = {}, ProgressLine("sha256")
-    mode = 0o666 & ~_umask()  # some writers make 0600 files; a bundle is read by whoever runs it
-    for i, name in enumerate(files):
-        os.chmod(stage / name, mode)
-        hashes[name] = {"bytes": (stage / name).stat().st_size, "sha256": sha256_file(stage / name)}
-        progress(i + 1, len(files))
+    files = _hash_files(stage)
     tok = processor.tokenizer
-    return {
+    return Manifest.from_dict({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "toolchain_version": __version__,
-        "source": _source_info(opts.model, model_dir), "variant": cfg.variant,
+        "source": _source_info(opts.model, model_dir), "variant": plan.cfg.variant,
         "config": json.loads((model_dir / "config.json").read_text()),
         "tokens": {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "image": tok.image_id,
                    "special": tok.special_ids},
         "processor": {"config": processor.config.to_dict(), "template": processor.config.sft_format,
                       "files": copied},
-        "recipe": {**recipe.to_dict(), "method": method, "mode": opts.mode if method == "gptq" else None,
+        "recipe": {**recipe.to_dict(), "method": plan.method, "mode": opts.mode if plan.method == "gptq" else None,
                    "calibration": calibration},
         "decoder": {"files": writer.files, "dtype": "bf16",
                     "tensors": {k: {"dtype": d, "shape": s} for k, (d, s) in writer.expected.items()},
@@ -318,8 +301,61 @@ def _write(opts, stage, model_dir, cfg, ckpt, processor, recipe, method, plans, 
                                            "symmetric": s.symmetric, "shape": list(shape)}
                                   for p in plans for prefix, s, shape in p.weights()},
                     "high_precision": [p.name for p in plans if not p.quantized],
-                    "bytes": sum(hashes[f]["bytes"] for f in writer.files)},
-        "vision": {"graphs": graphs},
-        "fidelity": fidelity,
-        "files": hashes,
-    }
+                    "bytes": sum(files[f]["bytes"] for f in writer.files)},
+        "vision": {"graphs": graphs}, "fidelity": fidelity, "files": files,
+    }, "the manifest being written")
+
+
+def _write_decoder(opts: ExportOptions, plan: ExportPlan, stage: Path, log: Callable[[str], None]):
+    """Stage 4: GPTQ (model in memory) or streamed RTN; returns (model or None, recipe, plans, writer, calibration)."""
+    recipe, plans = plan.recipe, plan.plans
+    writer = ShardWriter(stage, plans, int(opts.shard_gb * GB))
+    model, calibration = None, {}
+    t0 = time.perf_counter()
+    if plan.method == "gptq":
+        model, _ = load_model(plan.model_dir, dtype=torch.bfloat16, vision_dtype=torch.float32)
+        calib = toolchain.calibration(model, plan.processor, opts.calib_samples, opts.calib_dir, opts.max_tiles, log)
+        if opts.recipe == "mixed":
+            recipe, calibration["allocation"] = toolchain.allocate_mixed(model, calib, recipe, opts.int8_share,
+                                                                         opts.mode, log)
+            plans = plan_decoder(plan.cfg, recipe)
+            writer = ShardWriter(stage, plans, int(opts.shard_gb * GB))
+        weights, summary = toolchain.gptq(model, recipe, calib, opts.mode, log)
+        calibration.update(summary)
+        write_quantized(model, weights, plans, writer, ProgressLine("decoder write"))
+        del weights, calib
+    else:
+        stream_rtn(SourceReader(plan.model_dir, plan.ckpt.weight_map), plan.cfg, plans, writer,
+                   ProgressLine("decoder"))
+    log(f"decoder: {len(writer.files)} file(s), {time.perf_counter() - t0:.0f} s")
+    return model, recipe, plans, writer, calibration
+
+
+def _fidelity(opts: ExportOptions, plan: ExportPlan, model, plans, writer, stage: Path,
+              log: Callable[[str], None]) -> dict:
+    """Stage 5: the written decoder against the checkpoint on held-out samples (consumes the model)."""
+    if not opts.fidelity_samples:
+        return {"skipped": "--fidelity-samples 0"}
+    if model is None:
+        model, _ = load_model(plan.model_dir, dtype=torch.bfloat16, vision_dtype=torch.float32)
+    work = stage / ".work"
+    t0 = time.perf_counter()
+    fidelity = toolchain.fidelity(model, plan.processor, [stage / f for f in writer.files], plans,
+                                  opts.fidelity_samples, work, opts.max_tiles)
+    shutil.rmtree(work)
+    log(f"fidelity on {fidelity['samples']} held-out samples: KL mean {fidelity['kl_mean']:.5f} "
+        f"p99 {fidelity['kl_p99']:.5f}, top-1 agreement {100 * fidelity['top1_agreement']:.2f} %, routing "
+        f"overlap {fidelity['routing_overlap_mean'] or float('nan'):.4f}, {time.perf_counter() - t0:.0f} s")
+    return _finite(fidelity)
+
+
+def _hash_files(stage: Path) -> dict:
+    """Stage 6: size and sha256 of every file, each made readable per the umask."""
+    files = sorted(p.name for p in stage.iterdir())
+    hashes, progress = {}, ProgressLine("sha256")
+    mode = 0o666 & ~_umask()  # some writers make 0600 files; a bundle is read by whoever runs it
+    for i, name in enumerate(files):
+        os.chmod(stage / name, mode)
+        hashes[name] = {"bytes": (stage / name).stat().st_size, "sha256": sha256_file(stage / name)}
+        progress(i + 1, len(files))
+    return hashes

@@ -20,14 +20,13 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from edge_vl2.model import source_tensor
-from edge_vl2.qformat import Int4Weight, Int8Weight, QuantizedWeight
+from edge_vl2.dtypes import SAFETENSORS_CODES
+from edge_vl2.model.vl2 import source_tensor
+from edge_vl2.quant.formats import Int4Weight, Int8Weight, QuantizedWeight
 from edge_vl2.quantize.rtn import quantize_rtn
 
 from .plan import ROW_BLOCK_ELEMENTS, SourceReader, TensorPlan
 
-TORCH_TO_ST = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8",
-               torch.int8: "I8"}
 Progress = Callable[[int, int], None]
 
 
@@ -44,7 +43,7 @@ class ShardWriter:
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         want = self.expected.get(key)
-        got = (TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape))
+        got = (SAFETENSORS_CODES.get(tensor.dtype, str(tensor.dtype)), list(tensor.shape))
         if want is None or key in self.written or key in self.buffer:
             raise RuntimeError(f"decoder tensor {key!r} is not planned, or written twice")
         if got != want:

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from edge_vl2.bundle import ST_DTYPES
-from edge_vl2.config import VL2Config
+from edge_vl2.dtypes import SAFETENSORS_DTYPES
 from edge_vl2.errors import UserError
-from edge_vl2.model import DeepseekVL2
-
+from edge_vl2.model.config import VL2Config
+from edge_vl2.model.vl2 import DeepseekVL2
 from edge_vl2.quantize.formats import QuantSpec
 from edge_vl2.quantize.recipe import Recipe, fit_spec, module_kind, spec_nbytes
 
@@ -32,8 +31,10 @@ GB = 1e9
 # Planned-peak constants (resident bytes). BASE: Python + torch + onnxruntime loaded, measured ~0.45 GB here.
 BASE_BYTES = 0.6 * GB
 # Vision stage, in units of the fp32 tower + projector (V): the torch copy (1 V), the dynamo exporter's graph (~0.3 V
-# beyond it, DESIGN: 2.1 GB peak for the 1.6 GB tower), the fp16 pass holding the fp32 and fp16 protos and
-# serialising one (1 + 0.5 + 1.25 V), then ORT validating: 4 V covers it with the torch copy alive throughout.
+# beyond it: 2.1 GB peak measured for the 1.6 GB tower), the fp16 pass holding the fp32 and fp16 protos and
+# serialising one (1 + 0.5 + 1.25 V), then ORT validating: 4 V covers it with the torch copy alive throughout. The
+# int8 graph goes through an fp32 graph and ORT's quantizer, which holds about as much: an int8-only export of
+# full-size Tiny peaked at 7.4 GB (0.6 GB base + 4.1 V), so int8 gets no discount (it was planned at 3 V, 5.65 GB).
 VISION_STAGE_FACTOR = 4.0
 # Streaming decoder stage: one shard buffered (1x) and serialised by safetensors (+1x), plus a bf16 source block and
 # its fp32 working copies (ROW_BLOCK_ELEMENTS x (2 + 4 x 3) bytes), plus one stacked expert projection.
@@ -62,10 +63,10 @@ class SourceReader:
             for name, e in header.items():
                 if name == "__metadata__":
                     continue
-                if e["dtype"] not in ST_DTYPES:
+                if e["dtype"] not in SAFETENSORS_DTYPES:
                     raise UserError(f"{path}: tensor {name!r} has dtype {e['dtype']}, not a float/int type we read")
                 start, end = e["data_offsets"]
-                self.entries[name] = (path, ST_DTYPES[e["dtype"]], tuple(e["shape"]), 8 + n + start, end - start)
+                self.entries[name] = (path, SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), 8 + n + start, end - start)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -113,7 +114,7 @@ class TensorPlan:
 
     def weights(self) -> list[tuple[str, QuantSpec, tuple[int, ...]]]:
         """(prefix, spec, shape) of every quantized weight this parameter becomes (prefix: the module path
-        `quantize_model_` names, `{prefix}.qweight` etc. in the bundle)."""
+        `swap_in_quantized_` names, `{prefix}.qweight` etc. in the bundle)."""
         if self.expert_specs is not None:
             head, proj = self.name.rsplit(".", 1)
             return [(f"{head}.{e}.{proj}", s, self.shape[1:]) for e, s in enumerate(self.expert_specs)]
@@ -235,7 +236,7 @@ def plan_memory(cfg: VL2Config, plans: list[TensorPlan], method: str, fidelity: 
     quant = sum(p.nbytes for p in plans)
     largest = max(p.nbytes for p in plans)
     expert_stack = max((2 * p.shape[0] * p.shape[1] * p.shape[2] + p.nbytes for p in plans if p.stacked), default=0)
-    stages = {"vision": int(v_fp32 * VISION_STAGE_FACTOR * (1.0 if vision_precisions != ["int8"] else 0.75))}
+    stages = {"vision": int(v_fp32 * VISION_STAGE_FACTOR)}
     in_memory = int(model_bytes(cfg) * (1 + IN_MEMORY_OVERHEAD)) + LOGITS_COPIES * 4 * MAX_TOKENS * \
         cfg.language.vocab_size
     if method == "gptq":

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from edge_vl2.bundle import mmap_tensors
-from edge_vl2.qformat import QuantizedWeight, load_quantized
+from edge_vl2.bundle.reader import mmap_tensors
+from edge_vl2.quant.formats import QuantizedWeight, load_quantized
 from edge_vl2.quantize.recipe import INT8, Recipe
 
 from .plan import GB, MAX_TOKENS, TensorPlan

@@ -4,7 +4,7 @@ A bundle writer calls `export_vision(model, out_path, precision, images, process
 staging folder, validated against the PyTorch fp32 tower on the images' tiles (`UserError` above the precision's
 `Tolerance`, nothing written) and published; the return value is the manifest's entry for it.
 
-Graph contract (read by `edge_vl2.vision_ort`): input `pixels` [tiles, 3, 384, 384] float32, output `tile_embeds`
+Graph contract (read by `edge_vl2.bundle.vision_ort`): input `pixels` [tiles, 3, 384, 384] float32, output `tile_embeds`
 [tiles, 196, n_embed] float32, `tiles` dynamic; float32 at the boundary at every precision. Metadata `edge_vl2.*`.
 
 Exporter: `torch.onnx.export(dynamo=True)`: 2.1 GB peak on the full-size tower against 8.5 GB for TorchScript, both
@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from edge_vl2 import __version__
-from edge_vl2.checkpoint import open_checkpoint
-from edge_vl2.config import VL2Config
-from edge_vl2.errors import UserError
-from edge_vl2.images import load_image
-from edge_vl2.model import DeepseekVL2
-from edge_vl2.vision import Projector, SiglipTower
-from edge_vl2.vision_ort import INPUT, META_PREFIX, OUTPUT, OrtVisionRunner
+from edge_vl2.bundle.vision_ort import INPUT, META_PREFIX, OUTPUT, OrtVisionRunner
+from edge_vl2.errors import UserError, one_line
+from edge_vl2.inputs.images import load_image
+from edge_vl2.model.checkpoint import open_checkpoint
+from edge_vl2.model.config import VL2Config
+from edge_vl2.model.vision import Projector, SiglipTower
+from edge_vl2.model.vl2 import DeepseekVL2
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 18  # what the dynamo exporter writes natively; 17 is the lowest with LayerNormalization
@@ -64,7 +64,7 @@ class Tolerance:
 # Measured on tiles of real photos, tiny-like fixture / full-size SigLIP (27 blocks, heavy-tailed random weights):
 # fp32: max_rel 8e-7 / 1.3e-6 (summation order only) -> 1e-4. fp16 on ORT CPU: max_rel 4e-4 / 9e-4,
 # 1 - cos 8e-8 / 4e-7 -> 1e-2 and 0.9995, room for GPU fp16 arithmetic. INT8 (QUInt8 per channel): 1 - cos
-# 4e-4 / 1.6e-3 (2e-4 with normal weights, DESIGN) -> 0.995; its max_rel (3-7%) says little, so it is not bounded.
+# 4e-4 / 1.6e-3 (2e-4 with normal weights) -> 0.995; its max_rel (3-7%) says little, so it is not bounded.
 TOLERANCES = {
     "fp32": Tolerance(max_rel=1e-4, min_cosine=0.99999),
     "fp16": Tolerance(max_rel=1e-2, min_cosine=0.9995),
@@ -414,7 +414,7 @@ def _read_meta(path: Path, want_precision: str | None = None) -> tuple[dict, boo
     try:
         head = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, onnx its own types
-        raise UserError(f"{path}: not a readable ONNX file ({_one_line(e)})") from None
+        raise UserError(f"{path}: not a readable ONNX file ({one_line(e)})") from None
     meta = {p.key[len(META_PREFIX):]: p.value for p in head.metadata_props if p.key.startswith(META_PREFIX)}
     if want_precision and meta.get("precision") != want_precision:
         raise UserError(f"{path}: expected the {want_precision} vision graph, this one is "
@@ -500,7 +500,3 @@ def _publish(stage: Path, out: Path, files: list[str]) -> None:
     stale = out.parent / (out.name + ".data")
     if stale.name not in files and stale.exists():  # an earlier export's weights, no longer referenced
         stale.unlink()
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__

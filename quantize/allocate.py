@@ -1,7 +1,7 @@
 """Mixed precision per routed expert: spend a byte budget where it removes the most error per byte.
 
 Each routed expert gets one format from a list of candidates (INT4 at several group sizes, INT8), MxMoE-style
-(anchors §4: hot experts and sensitive ones deserve more bytes). Two steps:
+(hot experts and sensitive ones deserve more bytes). Two steps:
 
 1. `measure_sensitivity` runs the full-precision decoder over the calibration set once, layer by layer. At every
    MoE layer, for every routed expert e and candidate spec s, it measures what quantizing the whole expert (gate,
@@ -140,10 +140,10 @@ def _quantized_experts(i: int, mlp, ms: list[torch.Tensor], spec: QuantSpec, mod
                        all_tokens_max: int | None) -> dict[str, torch.Tensor]:
     """The layer's routed experts GPTQ-quantized under `spec` exactly as `quantize_decoder` does it (from these
     inputs), dequantized: {proj: [E, out, in]}."""
-    from .model_gptq import _Quantizer
+    from .model_gptq import DecoderQuantizer
 
     work = copy.deepcopy(mlp)
-    q = _Quantizer(Recipe("probe", routed_experts=spec), "gptq", mode, 128, 0.01, all_tokens_max, None)
+    q = DecoderQuantizer(Recipe("probe", routed_experts=spec), "gptq", mode, all_tokens_max=all_tokens_max)
     q.moe(i, f"language.model.layers.{i}.mlp", work, ms)
     return {p: getattr(work.experts, p).detach() for p in PROJS}
 

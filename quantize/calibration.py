@@ -32,7 +32,7 @@ MODES = ("routed", "all-tokens", "blend")
 class EncodedSample:
     """A processed prompt and the vision tower's tile embeddings for its images (None without images)."""
 
-    inputs: object  # edge_vl2.processor.ProcessorOutput
+    inputs: object  # edge_vl2.inputs.processor.ProcessorOutput
     tile_embeds: torch.Tensor | None
 
 

@@ -101,7 +101,7 @@ def calibration_samples(n: int, seed: int = 0, image_dir: str | Path | None = No
             yield Sample(rng.choice(TEXT_PROMPTS), [])
             continue
         if user_images is not None:
-            from edge_vl2.images import load_image
+            from edge_vl2.inputs.images import load_image
 
             path = user_images[next_user % len(user_images)]
             next_user += 1
@@ -125,10 +125,9 @@ def evaluation_samples(n: int, seed: int = EVAL_SEED, image_dir: str | Path | No
 
 def tiles_for(size: tuple[int, int], image_size: int = 384) -> int:
     """Tiles the official processor makes for an image of this (w, h): 1 global + the local grid."""
-    from edge_vl2.processor import select_best_resolution
-    from edge_vl2.synth.configs import CANDIDATE_RESOLUTIONS
+    from edge_vl2.inputs.tiling import OFFICIAL_CANDIDATE_RESOLUTIONS, select_best_resolution
 
-    w, h = select_best_resolution(size, CANDIDATE_RESOLUTIONS)
+    w, h = select_best_resolution(size, OFFICIAL_CANDIDATE_RESOLUTIONS)
     return 1 + (w // image_size) * (h // image_size)
 
 

@@ -82,10 +82,10 @@ class QuantizeOptions:
 
 def run_quantize(opts: QuantizeOptions) -> dict:
     """Run every configuration; returns the report (also what `--report` writes)."""
-    from edge_vl2.checkpoint import resolve_model_dir
-    from edge_vl2.model import load_model
-    from edge_vl2.pipeline import DTYPES
-    from edge_vl2.processor import Processor
+    from edge_vl2.dtypes import TORCH_DTYPES
+    from edge_vl2.inputs.processor import Processor
+    from edge_vl2.model.checkpoint import resolve_model_dir
+    from edge_vl2.model.vl2 import load_model
 
     from .calibration_data import calibration_samples, evaluation_samples
     from .fake_quant import checkpoint_restorer, decoder_bytes, swapped
@@ -98,13 +98,13 @@ def run_quantize(opts: QuantizeOptions) -> dict:
         _budget_spec(opts.mixed_budget)  # bad budgets fail before the model loads
     needs_calib = any(c.method == "gptq" or c.recipe == "mixed" for c in opts.configs)
     if needs_calib and opts.calib <= 0:
-        raise UserError("GPTQ and the mixed recipe need calibration data: --calib must be > 0")
+        raise UserError("GPTQ and the mixed recipe need calibration data: --calib-samples must be > 0")
     model_dir = resolve_model_dir(opts.model)
     # bad calibration folders fail before the model loads
     calib_samples = list(calibration_samples(opts.calib, seed=0, image_dir=opts.calib_dir,
                                              max_tiles=opts.max_tiles)) if opts.calib > 0 else []
     t0 = time.perf_counter()
-    model, _ = load_model(model_dir, dtype=DTYPES[opts.dtype], vision_dtype=torch.float32)
+    model, _ = load_model(model_dir, dtype=TORCH_DTYPES[opts.dtype], vision_dtype=torch.float32)
     processor = Processor.from_pretrained(model_dir)
     report: dict = {"model": str(model_dir), "variant": model.cfg.variant, "dtype": opts.dtype,
                     "load_seconds": round(time.perf_counter() - t0, 1)}

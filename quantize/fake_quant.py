@@ -93,8 +93,8 @@ def swapped(model: nn.Module, weights: dict[str, QuantizedWeight],
 
 def checkpoint_restorer(model, model_dir) -> Callable[[str], torch.Tensor]:
     """restore(parameter name) -> the parameter's value read again from the checkpoint folder (memory-mapped)."""
-    from edge_vl2.checkpoint import CheckpointReader
-    from edge_vl2.model import source_tensor
+    from edge_vl2.model.checkpoint import CheckpointReader
+    from edge_vl2.model.vl2 import source_tensor
 
     reader = CheckpointReader(model_dir)
     return lambda name: source_tensor(reader, name, model.cfg)

@@ -1,15 +1,5 @@
-"""The one quantization grid (shared by RTN and GPTQ) and round-to-nearest; the formats live in edge_vl2.qformat.
-
-INT4, group-wise, for a weight [out, in] with groups of `g` consecutive input columns:
-    qweight uint8 [out, in/g, g/2]   two 4-bit codes per byte, LOW nibble first (code 2j low, 2j+1 high)
-    scales  fp16  [out, in/g]
-    zeros   uint8 [out, ceil((in/g)/2)]   asymmetric only: 4-bit zero points packed low nibble first, high nibble of
-                                          an odd last byte is 0 padding (MatMulNBits zero-point packing)
-    value = (code - zero) * scale, zero = 8 when symmetric (no zeros tensor).
-INT8, symmetric: qweight int8 [out, in], scales fp16 [out] (per channel) or [out, in/g] (per group);
-    value = code * scale.
-Routed experts add a leading expert axis to every tensor ([E, out, ...]); every class and function here takes any
-number of leading axes.
+"""The one quantization grid (shared by RTN and GPTQ) and round-to-nearest. The formats themselves (INT4 in the
+MatMulNBits layout, INT8 with fp16 scales, expert stacks) are the runtime's: edge_vl2.quant.formats.
 
 The grid (shared by RTN and GPTQ, so both produce the same kind of codes):
 - INT4 symmetric: scale = max|w| / 7, codes = clamp(round(w / scale), -8, 7) + 8. RTN never produces code 0 (-8);
@@ -29,9 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-# The containers and packing are the runtime's (edge_vl2.qformat); re-exported so toolchain code has one import.
-from edge_vl2.qformat import (INT4_SYMMETRIC_ZERO, Int4Weight, Int8Weight, QuantizedWeight, load_quantized,  # noqa: F401
-                              pack_int4, pack_zeros, unpack_int4)
+# The containers and packing are the runtime's (edge_vl2.quant.formats); re-exported so toolchain code has one import.
+from edge_vl2.quant.formats import (  # noqa: F401
+    INT4_SYMMETRIC_ZERO,
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    load_quantized,
+    pack_int4,
+    pack_zeros,
+    unpack_int4,
+)
+
 
 @dataclass(frozen=True)
 class QuantSpec:

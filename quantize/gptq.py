@@ -19,8 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from .formats import Int4Weight, Int8Weight, QuantizedWeight, QuantSpec, check_group_size, int4_from_codes, \
-    int4_params, int8_params, to_codes
+from .formats import (
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    QuantSpec,
+    check_group_size,
+    int4_from_codes,
+    int4_params,
+    int8_params,
+    to_codes,
+)
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:

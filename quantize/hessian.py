@@ -7,7 +7,7 @@ Hessian here is such a weighted mean, so two of them can be mixed convexly.
 Routed experts see only the tokens routed to them, so a rarely routed expert gets a Hessian from a handful of tokens:
 rank <= that count, and GPTQ then fits those few tokens at the expense of everything else. `ExpertHessians`
 accumulates two estimates per expert (MoEQuant's affinity-guided weighting, llm-compressor's "all tokens to all
-experts"; see anchors §4):
+experts"):
 - routed: tokens routed to the expert, each weighted by its gate weight;
 - all-tokens: every calibration token, weighted by the expert's router probability (softmax affinity);
 and blends them (`ExpertHessians.hessian`): H_e = a H_routed + (1 - a) H_all with a = n_e / (n_e + n0), n_e the

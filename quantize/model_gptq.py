@@ -41,11 +41,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edge_vl2.quant import naming
+from edge_vl2.quant.naming import is_stacked, stacked_name
+
 from .batched_gptq import gptq_batched, pack, stack_weights
 from .calibration import MODES, CalibrationSet, LinearHessians, fill_expert_hessians, route_all, routed_samples
 from .formats import QuantizedWeight, QuantSpec
 from .hessian import ExpertHessians, HessianAccumulator, expert_intermediate, weighted_error
-from .recipe import Recipe, expert_name, fit_spec
+from .recipe import Recipe, fit_spec
 from .rtn import quantize_rtn
 
 METHODS = ("rtn", "gptq")
@@ -75,9 +78,16 @@ class QuantResult:
                 "quantized_bytes": self.nbytes, "tensors": len(self.weights)}
 
 
+# GPTQ defaults: columns per lazy-update block, and the damping added to the Hessian diagonal as a fraction of its
+# mean (the GPTQ paper's choices); tokens per layer kept for the all-token expert statistics (bounds their memory).
+BLOCK_SIZE = 128
+PERCDAMP = 0.01
+ALL_TOKENS_MAX = 2048
+
+
 def quantize_decoder(model, recipe: Recipe, calib: CalibrationSet | None = None, method: str = "gptq",
-                     mode: str = "blend", *, all_tokens_max: int | None = 2048, prior_tokens: int | None = None,
-                     block_size: int = 128, percdamp: float = 0.01,
+                     mode: str = "blend", *, all_tokens_max: int | None = ALL_TOKENS_MAX, prior_tokens: int | None = None,
+                     block_size: int = BLOCK_SIZE, percdamp: float = PERCDAMP,
                      progress: Callable[[str], None] | None = None) -> QuantResult:
     """Quantize the decoder of a DeepseekVL2 `model` (left untouched) under `recipe`.
 
@@ -97,7 +107,8 @@ def quantize_decoder(model, recipe: Recipe, calib: CalibrationSet | None = None,
         recipe.check_overrides(moe_layers, lm.cfg.n_routed_experts)
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
-    q = _Quantizer(recipe, method, mode, block_size, percdamp, all_tokens_max, prior_tokens)
+    q = DecoderQuantizer(recipe, method, mode, block_size=block_size, percdamp=percdamp,
+                         all_tokens_max=all_tokens_max, prior_tokens=prior_tokens)
     calibration = {}
     if calib is None:
         q.rtn_all(lm)
@@ -117,8 +128,14 @@ def quantize_decoder(model, recipe: Recipe, calib: CalibrationSet | None = None,
                        time.perf_counter() - t0, calibration, q.expert_tokens)
 
 
-class _Quantizer:
-    def __init__(self, recipe, method, mode, block_size, percdamp, all_tokens_max, prior_tokens):
+class DecoderQuantizer:
+    """The layer-by-layer walk of `quantize_decoder`: each method quantizes one part (a dense linear, a layer's
+    experts, a whole layer) from its inputs and collects the weights in `out` and the errors in `errors`.
+    `edge_vl2.quantize.allocate` drives `moe` directly to measure one format on one layer's experts."""
+
+    def __init__(self, recipe: Recipe, method: str, mode: str, *, block_size: int = BLOCK_SIZE,
+                 percdamp: float = PERCDAMP, all_tokens_max: int | None = ALL_TOKENS_MAX,
+                 prior_tokens: int | None = None):
         self.recipe, self.method, self.mode = recipe, method, mode
         self.block_size, self.percdamp = block_size, percdamp
         self.all_tokens_max, self.prior_tokens = all_tokens_max, prior_tokens
@@ -291,12 +308,13 @@ class _Quantizer:
             self.errors[f"{prefix}.{p}"] = err
 
     def _store_experts(self, layer: int, prefix: str, proj: str, parts: list, specs: list) -> None:
-        if None not in specs and len(set(specs)) == 1:
-            self.out[f"{prefix}.{proj}"] = stack_weights(parts)
+        """Stacked or per expert, by the one naming rule (edge_vl2.quant.naming)."""
+        if is_stacked(specs):
+            self.out[stacked_name(prefix, proj)] = stack_weights(parts)
         else:
             for e, part in enumerate(parts):
                 if part is not None:
-                    self.out[expert_name(layer, e, proj)] = part
+                    self.out[naming.expert_name(prefix, e, proj)] = part
 
 
 def _rows(qw: QuantizedWeight, r0: int, r1: int) -> QuantizedWeight:

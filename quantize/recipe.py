@@ -13,7 +13,7 @@ A recipe gives one `QuantSpec` (or None = keep bf16) per module kind:
                     bandwidth worth saving and its rounding error enters every layer)
 
 The router (`mlp.gate`), norms and the vision tower are never quantized: the router is tiny and its top-k choice is
-what routing fidelity measures (anchors §4: "gate layers do not quantize well").
+what routing fidelity measures: a small error in its logits swaps experts, an error no later layer can undo.
 
 Group sizes are the recipe's intent; `fit_spec` shrinks a group to the largest power of two >= 16 that divides the
 tensor's in_features (Tiny's dense down_proj has in = 6848 = 64 x 107, so "g128" becomes g64 there; test-size models
@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
+
+from edge_vl2.quant import naming
 
 from .formats import QuantSpec
 
@@ -59,7 +61,7 @@ def module_kind(name: str) -> str | None:
 
 def expert_name(layer: int, expert: int, proj: str) -> str:
     """The checkpoint's per-expert name, used for per-expert overrides and per-expert quantized tensors."""
-    return f"language.model.layers.{layer}.mlp.experts.{expert}.{proj}"
+    return naming.expert_name(naming.layer_experts(layer), expert, proj)
 
 
 def fit_spec(spec: QuantSpec | None, in_features: int) -> QuantSpec | None:
@@ -209,7 +211,7 @@ def preset(name: str) -> Recipe:
 
     int8      every decoder linear INT8 per channel.
     int4      routed experts INT4 g128; attention, dense MLP and shared experts INT4 g64 (they see every token,
-              anchors §4 consensus: >= routed precision); lm_head INT8 (its error lands on the logits directly).
+              each is read for every token, so its error reaches every position); lm_head INT8 (its error lands on the logits directly).
     int4-gN   int4 with the routed experts at group N (16, 32, 64, 128...): the uniform baselines of `mixed`.
     mixed     int4 as the base; `allocate.allocate` picks each routed expert's format (INT4 group sizes, INT8) under a
               byte budget and `allocate.mixed_recipe` writes the choice as per-expert overrides.

@@ -1,7 +1,7 @@
-"""Round-to-nearest quantization: the no-calibration baseline, one call per tensor.
+"""Round-to-nearest quantization: the no-calibration baseline, and the only RTN in the project.
 
-Dense weights are [out, in]; stacked routed experts [E, out, in] are quantized one expert at a time (bounded fp32
-working memory) and stacked again. The module walk only reads parameters: it never replaces layers or writes weights.
+Dense weights are [out, in]; stacked routed experts [E, out, in] are quantized one expert at a time into a stack
+filled in place (bounded fp32 working memory, no list of parts beside the stack). Nothing here writes a model.
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .formats import Int4Weight, Int8Weight, QuantizedWeight, QuantSpec, quantize_rtn_int4, quantize_rtn_int8
+from edge_vl2.quant.naming import EXPERT_PROJS, expert_name, is_stacked, stacked_name
+from edge_vl2.quant.swap import quantizable_modules
+
+from .formats import QuantizedWeight, QuantSpec, quantize_rtn_int4, quantize_rtn_int8
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """w [out, in] or stacked experts [E, out, in] -> the spec's format (Int4Weight or Int8Weight)."""
     if w.dim() == 3:
-        parts = [quantize_rtn(w[e], spec) for e in range(w.shape[0])]
-        return (Int4Weight if spec.bits == 4 else Int8Weight).stack(parts)
+        first = quantize_rtn(w[0], spec)
+        stacked = {k: t.new_empty((w.shape[0], *t.shape)) for k, t in first.tensors().items()}
+        for e in range(w.shape[0]):
+            for k, t in (first if e == 0 else quantize_rtn(w[e], spec)).tensors().items():
+                stacked[k][e] = t
+        return type(first)(**stacked)
     if w.dim() != 2:
         raise ValueError(f"expected a weight [out, in] or stacked experts [E, out, in], got {list(w.shape)}")
     if spec.bits == 4:
@@ -52,4 +59,27 @@ def quantize_module_rtn(module: nn.Module, plan: Callable[[str], QuantSpec | Non
         spec = plan(prefix)
         if spec is not None:
             out[prefix] = quantize_rtn(w.detach(), spec)
+    return out
+
+
+@torch.no_grad()
+def rtn_decoder_weights(model: nn.Module, spec_for: Callable[[str], QuantSpec | None]) -> dict[str, QuantizedWeight]:
+    """RTN weights for the decoder layers of a loaded model that `spec_for(name)` gives a spec for, named as
+    `swap_in_quantized_` takes them (linear layers by module path; routed experts asked one by one by their
+    per-expert name and stored stacked or per expert by the rule of edge_vl2.quant.naming). The model is only read."""
+    linears, experts = quantizable_modules(model)
+    out = {}
+    for name, m in linears.items():
+        spec = spec_for(name)
+        if spec is not None:
+            out[name] = quantize_rtn(m.weight.detach(), spec)
+    for stack, m in experts.items():
+        for proj in EXPERT_PROJS:
+            w = getattr(m, proj).detach()
+            specs = [spec_for(expert_name(stack, e, proj)) for e in range(w.shape[0])]
+            if is_stacked(specs):
+                out[stacked_name(stack, proj)] = quantize_rtn(w, specs[0])
+            else:
+                out.update({expert_name(stack, e, proj): quantize_rtn(w[e], spec)
+                            for e, spec in enumerate(specs) if spec is not None})
     return out

@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory, variant: str) -> Path:
     """A synthetic test-size checkpoint in the official layout (real vocabulary, tiny dimensions)."""
     key = f"ckpt-{variant}"
     if key not in _cache:
-        from edge_vl2.synth import write_checkpoint
+        from edge_vl2.tools.synth import write_checkpoint
 
         _cache[key] = write_checkpoint(tmp_path_factory.mktemp("ckpt") / variant, variant, "test")
     return _cache[key]

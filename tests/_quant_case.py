@@ -22,21 +22,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edge_vl2.model import load_model
-from edge_vl2.moe import Router
-from edge_vl2.processor import Processor, ProcessorOutput
-from edge_vl2.qexperts import QuantExperts
-from edge_vl2.qlinear import QuantLinear
-from edge_vl2.qops import BnbOp, FloatOp
+from edge_vl2.inputs.processor import Processor, ProcessorOutput
+from edge_vl2.model.moe import Router
+from edge_vl2.model.vl2 import load_model
+from edge_vl2.quant.experts import QuantExperts
+from edge_vl2.quant.linear import QuantLinear
+from edge_vl2.quant.ops import BnbOp, FloatOp
+from edge_vl2.quant.swap import quantizable_modules, swap_in_quantized_
 from edge_vl2.quantize.formats import QuantSpec
-from edge_vl2.quantized_model import quantizable_modules, quantize_model_, rtn_quantize_decoder
+from edge_vl2.quantize.rtn import rtn_decoder_weights
 
 RECIPES = ("int8", "int4", "mixed", "mixed-no-lm-head")
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 def recipe(name: str, model) -> Callable[[str], QuantSpec | None]:
-    """spec_for(module or per-expert name) of a recipe, for rtn_quantize_decoder.
+    """spec_for(module or per-expert name) of a recipe, for rtn_decoder_weights.
 
     int8   INT8 per channel everywhere (attention, dense MLP, shared and routed experts, lm_head).
     int4   INT4 g32 asymmetric everywhere the cpu INT4 kernel takes it (out_features % 16 == 0); INT8 per channel
@@ -77,7 +78,7 @@ def recipe(name: str, model) -> Callable[[str], QuantSpec | None]:
 
 
 def fake_parameters(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{parameter name: new full tensor} putting `weights` ({quantized name: float tensor}, names as quantize_model_
+    """{parameter name: new full tensor} putting `weights` ({quantized name: float tensor}, names as swap_in_quantized_
     takes them: module paths, `{experts}.{proj}` stacks, `{experts}.{e}.{proj}` single experts) into the model's
     float parameters, which are left as they are."""
     linears, experts = quantizable_modules(model)
@@ -205,7 +206,7 @@ def _copy_sharing(model, replace: dict[str, torch.Tensor] | None = None):
 
 def quantized_copy(model, quantized: dict, backend: str, **options):
     """The float model with the quantized layers swapped in, as a new model (the float model stays as it is)."""
-    return quantize_model_(_copy_sharing(model), quantized, backend, **options)
+    return swap_in_quantized_(_copy_sharing(model), quantized, backend, **options)
 
 
 def fake_quantized_copy(model, weights: dict[str, torch.Tensor]):
@@ -216,7 +217,7 @@ def fake_quantized_copy(model, weights: dict[str, torch.Tensor]):
 def run_case(checkpoint: Path, recipe_name: str, backend: str, prompt_names=("short", "long"), **options) -> dict:
     """Metrics per prompt of one case, from scratch (the subprocess form)."""
     model, _ = load_model(checkpoint, dtype=torch.float32)
-    quantized = rtn_quantize_decoder(model, recipe(recipe_name, model))
+    quantized = rtn_decoder_weights(model, recipe(recipe_name, model))
     qmodel = quantized_copy(model, quantized, backend, **options)
     fake = fake_quantized_copy(model, bnb_weights(qmodel) if backend == "bnb" else canonical_weights(quantized))
     metrics = {}

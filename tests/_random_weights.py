@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_vl2.config import LanguageConfig
+from edge_vl2.model.config import LanguageConfig
 
 
 def fill_(module: nn.Module, seed: int, scale: float = 1.0) -> nn.Module:

@@ -1,7 +1,7 @@
 """Test-size models, calibration sets and held-out references shared by the quantization-toolchain tests.
 
 Built once per test session (functools.cache) in one temporary folder: the synthetic checkpoints are written with
-`edge_vl2.synth` exactly as `edge-vl2 synth` writes them, and loaded in fp32 with the ordinary loader. Tests must not
+`edge_vl2.tools.synth` exactly as `edge-vl2 synth` writes them, and loaded in fp32 with the ordinary loader. Tests must not
 modify what they get here (the quantization code only reads models; `swapped` restores what it changes).
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from edge_vl2.model import load_model
-from edge_vl2.processor import Processor
+from edge_vl2.inputs.processor import Processor
+from edge_vl2.model.vl2 import load_model
 from edge_vl2.quantize.calibration import CalibrationSet, encode_samples, prepare_calibration
 from edge_vl2.quantize.calibration_data import calibration_samples, evaluation_samples
 from edge_vl2.quantize.fidelity import Reference, reference_from_encoded
-from edge_vl2.synth import write_checkpoint
+from edge_vl2.tools.synth import write_checkpoint
 
 MAX_TILES = 3  # 1 global + 2 local tiles: 617 image tokens, so a 768-token cut keeps the prompt text after it
 MAX_TOKENS = 768

@@ -1,4 +1,4 @@
-"""Shared test paths: the official fixtures live in ../shared beside the repository and are read in place.
+"""Shared test paths: the official-code fixture and the photos live in tests/fixtures (see its README).
 
 Without a CUDA device the cuda backend's Triton kernels are tested through Triton's CPU interpreter. TRITON_INTERPRET
 must be set before anything imports triton (transformers does, through torch), because triton.language's own jit
@@ -16,10 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-OFFICIAL = SHARED / "fixtures" / "official"
+FIXTURES = REPO / "tests" / "fixtures"
+OFFICIAL = FIXTURES / "official"
 TINY_LIKE = OFFICIAL / "checkpoints" / "tiny-like"
-IMAGES = SHARED / "images"
+IMAGES = FIXTURES / "images"
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,22 @@ import random
 
 import pytest
 
-from _toolchain import calibration, model, reference
-from edge_vl2.quantize.allocate import (ExpertSensitivity, allocate, expert_bytes, measure_sensitivity, mixed_recipe,
-                                        routed_expert_bytes, spec_label)
+from edge_vl2.quantize.allocate import (
+    ExpertSensitivity,
+    allocate,
+    expert_bytes,
+    measure_sensitivity,
+    mixed_recipe,
+    routed_expert_bytes,
+    spec_label,
+)
 from edge_vl2.quantize.fake_quant import decoder_bytes, swapped
 from edge_vl2.quantize.fidelity import compare
 from edge_vl2.quantize.formats import QuantSpec
 from edge_vl2.quantize.model_gptq import quantize_decoder
 from edge_vl2.quantize.recipe import INT8, Recipe, expert_name
+
+from _toolchain import calibration, model, reference
 
 G64, G16 = QuantSpec(4, 64), QuantSpec(4, 16)
 CANDIDATES = [G64, G16, INT8]

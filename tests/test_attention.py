@@ -1,4 +1,4 @@
-"""Decoder attention (spec §7.3, §7.4): parity with transformers' LlamaAttention (Tiny) and DeepseekV2Attention (MLA),
+"""Decoder attention (model-facts §7.3, §7.4): parity with transformers' LlamaAttention (Tiny) and DeepseekV2Attention (MLA),
 absorbed MLA == expanded MLA, and chunked prefill + cached decode == one full forward."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from transformers import DeepseekV2Config, LlamaConfig
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
+from edge_vl2.model import attention
+from edge_vl2.model.attention import MLAttention, MultiHeadAttention
+from edge_vl2.model.cache import StaticCache
+
 from _random_weights import fill_, language_config
-from edge_vl2 import attention
-from edge_vl2.attention import MLAttention, MultiHeadAttention
-from edge_vl2.cache import StaticCache
 
 SEQ = 20
 

@@ -1,4 +1,4 @@
-"""Running from a bundle (edge_vl2/bundle.py, bundle_runtime.py, `edge-vl2 run --bundle`, `edge-vl2 inspect`):
+"""Running from a bundle (edge_vl2.bundle: reader, loader, inspect; `edge-vl2 run --bundle`, `edge-vl2 inspect`):
 the bundle computes exactly what the fake-quantized reference computes, the deployment path stays within bf16
 rounding of it, every changed byte and every mismatch is refused naming the file or tensor, a device that cannot
 fit it is refused before loading, and the runtime imports no training-side library.
@@ -12,11 +12,13 @@ import sys
 import pytest
 import torch
 
-from _bundles import checkpoint, cli, copy_bundle, small_mixed_bundle, tiny_rtn_bundle
-from conftest import IMAGES
-from edge_vl2.bundle import canonical_json, manifest_digest, mmap_tensors, open_bundle, sha256_file
+from edge_vl2.bundle.manifest import canonical_json, manifest_digest
+from edge_vl2.bundle.reader import mmap_tensors, open_bundle, sha256_file
 from edge_vl2.errors import UserError
 from edge_vl2.pipeline import VL2Pipeline
+
+from _bundles import checkpoint, cli, copy_bundle, small_mixed_bundle, tiny_rtn_bundle
+from conftest import IMAGES
 
 PHOTO = IMAGES / "monday.jpg"  # tiled: global view + local grid
 
@@ -35,13 +37,13 @@ def assert_one_line_error(proc, *needles):
 def reference(tmp_path_factory):
     """The checkpoint in fp32 with the bundle's quantized weights dequantized into it (the toolchain's fake
     quantization: the math the bundle must reproduce), and prompts with and without a tiled image."""
-    from edge_vl2.model import load_model
-    from edge_vl2.processor import Processor
-    from edge_vl2.qformat import load_quantized
+    from edge_vl2.inputs.processor import Processor
+    from edge_vl2.model.vl2 import load_model
+    from edge_vl2.quant.formats import load_quantized
     from edge_vl2.quantize.fake_quant import fake_quantize
 
     bundle = tiny_rtn_bundle(tmp_path_factory)
-    m = open_bundle(bundle).manifest
+    m = open_bundle(bundle).manifest.to_dict()
     tensors = {}
     for f in m["decoder"]["files"]:
         tensors.update(mmap_tensors(bundle / f))

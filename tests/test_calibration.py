@@ -14,12 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
-from _toolchain import MAX_TILES, MAX_TOKENS, calibration, model
 from edge_vl2.errors import UserError
-from edge_vl2.quantize.calibration import (LinearHessians, decoder_inputs, encode_samples, fill_expert_hessians,
-                                           route_all, routed_samples, subsample)
+from edge_vl2.quantize.calibration import (
+    LinearHessians,
+    decoder_inputs,
+    encode_samples,
+    fill_expert_hessians,
+    route_all,
+    routed_samples,
+    subsample,
+)
 from edge_vl2.quantize.calibration_data import PROMPTS, calibration_samples, evaluation_samples, tiles_for
 from edge_vl2.quantize.hessian import ExpertHessians, HessianAccumulator, expert_intermediate
+
+from _toolchain import MAX_TILES, MAX_TOKENS, calibration, model
 
 
 def fingerprint(samples) -> list[tuple[str, list[tuple[tuple[int, int], bytes]]]]:

@@ -58,7 +58,7 @@ def test_grounding_boxes_are_printed_in_pixels(tmp_path):
     from edge_vl2.pipeline import VL2Pipeline
 
     answer = "<|ref|>The cat<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>"
-    from edge_vl2.processor import Processor
+    from edge_vl2.inputs.processor import Processor
 
     inputs = Processor.from_pretrained(TINY_LIKE).process_prompt("<image>\nFind the cat.", [PHOTOS[0]])
     (box,) = VL2Pipeline.boxes(answer, inputs)

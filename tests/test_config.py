@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from conftest import TINY_LIKE
-from edge_vl2.checkpoint import check_layout, open_checkpoint, resolve_model_dir
-from edge_vl2.config import VL2Config
 from edge_vl2.errors import UserError
-from edge_vl2.layout import checkpoint_shapes
+from edge_vl2.model.checkpoint import check_layout, open_checkpoint, resolve_model_dir
+from edge_vl2.model.config import VL2Config
+from edge_vl2.model.shapes import checkpoint_shapes
+
+from conftest import TINY_LIKE
 
 RAW = json.loads((TINY_LIKE / "config.json").read_text())
 

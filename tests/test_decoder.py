@@ -1,4 +1,4 @@
-"""The language model with its static cache (spec §7.1, §7.2, §7.7, §9.3): chunked prefill + cached decode give the
+"""The language model with its static cache (model-facts §7.1, §7.2, §7.7, §9.3): chunked prefill + cached decode give the
 full forward's logits at every position, the cache refuses what does not fit, and the MLA cache is compressed."""
 
 from __future__ import annotations
@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _random_weights import fill_, language_config
-from edge_vl2.cache import StaticCache
-from edge_vl2.decoder import LanguageModel
 from edge_vl2.errors import UserError
 from edge_vl2.generate import decode_step, prefill
+from edge_vl2.model.cache import StaticCache
+from edge_vl2.model.decoder import LanguageModel
+
+from _random_weights import fill_, language_config
 
 BASE_RULE = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
              "routed_scaling_factor": 2.0}

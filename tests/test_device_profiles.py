@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_vl2.device_profiles import available_devices, check_fit, load_device
+from edge_vl2.devices.profiles import available_devices, check_fit, load_device
 from edge_vl2.errors import UserError
 
 REQUIRED_DEVICES = {"cpu-kiosk", "rtx4060ti-16gb", "orin-nx-16gb", "orin-nano-8gb", "agx-orin-64gb"}
@@ -17,12 +17,12 @@ def test_the_shipped_profiles_load():
 
 
 def test_roofline_uses_bandwidth():
-    # spec/anchors §5.2: Tiny INT4 reads 0.297 GB per token; Orin NX (102.4 GB/s) -> ~345 tok/s upper bound
+    # model-facts §9: Tiny INT4 reads 0.297 GB per token; Orin NX (102.4 GB/s) -> ~345 tok/s upper bound
     assert load_device("orin-nx-16gb").decode_roofline_tok_s(0.297e9) == pytest.approx(344.8, rel=1e-3)
 
 
 def test_fit_check_refuses_small_bf16_on_a_16gb_card():
-    small_bf16, small_int4 = 32_296_699_008, 9_299_000_000  # spec §9.1/§9.2 bytes
+    small_bf16, small_int4 = 32_296_699_008, 9_299_000_000  # model-facts §9.1/§9.2 bytes
     mla_cache_4k = 127_401_984
     with pytest.raises(UserError, match="rtx4060ti-16gb"):
         check_fit(load_device("rtx4060ti-16gb"), small_bf16, mla_cache_4k, "small bf16")

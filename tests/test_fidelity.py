@@ -16,15 +16,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _toolchain import (MAX_TOKENS, N_EVAL, assert_unchanged, calibration, checkpoint, model, parameters_snapshot,
-                        reference)
 from edge_vl2.quantize.calibration import decoder_inputs
 from edge_vl2.quantize.calibration_data import evaluation_samples
 from edge_vl2.quantize.fake_quant import checkpoint_restorer, decoder_bytes, fake_quantize, swapped
-from edge_vl2.quantize.fidelity import (compare, fidelity_report, format_report, reference_from_encoded,
-                                        reference_run, write_json)
+from edge_vl2.quantize.fidelity import (
+    compare,
+    fidelity_report,
+    format_report,
+    reference_from_encoded,
+    reference_run,
+    write_json,
+)
 from edge_vl2.quantize.model_gptq import quantize_decoder
 from edge_vl2.quantize.recipe import expert_name, preset
+
+from _toolchain import (
+    MAX_TOKENS,
+    N_EVAL,
+    assert_unchanged,
+    calibration,
+    checkpoint,
+    model,
+    parameters_snapshot,
+    reference,
+)
 
 MOE_ROUTERS = ["language.model.layers.1.mlp.gate", "language.model.layers.2.mlp.gate"]
 

@@ -23,7 +23,7 @@ def tiny_full(tmp_path_factory):
     if given:
         yield Path(given)
         return
-    from edge_vl2.synth import write_checkpoint
+    from edge_vl2.tools.synth import write_checkpoint
 
     out = tmp_path_factory.mktemp("full") / "tiny"
     try:

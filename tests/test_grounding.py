@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_vl2.grounding import GroundingBox, format_boxes, parse_grounding, strip_grounding, to_pixels
+from edge_vl2.inputs.grounding import GroundingBox, format_boxes, parse_grounding, strip_grounding, to_pixels
 
 README = "<|ref|>The giraffe at the back.<|/ref|><|det|>[[580, 270, 999, 900]]<|/det|><｜end▁of▁sentence｜>"
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from _toolchain import assert_unchanged, calibration, model, parameters_snapshot, reference
 from edge_vl2.quantize.batched_gptq import gptq_batched, pack
 from edge_vl2.quantize.calibration import CalibrationSet, LinearHessians, fill_expert_hessians, route_all
 from edge_vl2.quantize.fake_quant import swapped
@@ -27,6 +26,8 @@ from edge_vl2.quantize.hessian import ExpertHessians, HessianAccumulator, expert
 from edge_vl2.quantize.model_gptq import quantize_decoder
 from edge_vl2.quantize.recipe import INT8, Recipe, expert_name, module_kind, preset
 from edge_vl2.quantize.rtn import quantize_rtn
+
+from _toolchain import assert_unchanged, calibration, model, parameters_snapshot, reference
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 

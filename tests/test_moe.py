@@ -1,5 +1,5 @@
-"""DeepSeek MoE (spec §7.5): Tiny/Small softmax-greedy routing == transformers DeepseekV2Moe, base sigmoid/noaux_tc
-routing == transformers DeepseekV3MoE, the router's choices and weights == a float64 reference, and the gathered
+"""DeepSeek MoE (model-facts §7.5): Tiny/Small softmax-greedy routing == transformers DeepseekV2Moe, base sigmoid/noaux_tc
+routing == transformers DeepseekV3MoE, the router's choices and weights == a float64 reference, and the per-chosen-expert
 (decode) expert path == the sorted-by-expert (prefill) path."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+from edge_vl2.model.moe import MoE, Router
+
 from _random_weights import fill_, language_config
-from edge_vl2.moe import MoE, Router
 
 BASE_RULE = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
              "routed_scaling_factor": 2.0, "n_group": 1, "topk_group": 1}
@@ -68,11 +69,11 @@ def _v3_reference(moe: MoE, cfg) -> DeepseekV3MoE:
 ATOL = 1e-5
 
 
-@pytest.mark.parametrize("tokens,gathered", [(64, False), (3, True), (1, True)])  # sorted-by-expert / gathered path
+@pytest.mark.parametrize("tokens,few", [(64, False), (3, True), (1, True)])  # sorted-by-expert / per-chosen-expert path
 @torch.no_grad()
-def test_softmax_greedy_matches_transformers_deepseek_v2(tokens, gathered):
+def test_softmax_greedy_matches_transformers_deepseek_v2(tokens, few):
     moe = _moe(seed=50)
-    assert (tokens <= MoE.GATHER_MAX_TOKENS) == gathered
+    assert (tokens <= MoE.FEW_TOKENS_MAX) == few
     ref = _v2_reference(moe, language_config(use_mla=True))
     x = _tokens(tokens, 51)
     torch.testing.assert_close(moe(x), ref(x[None])[0], rtol=0, atol=ATOL)
@@ -102,7 +103,7 @@ def test_sigmoid_noaux_tc_matches_transformers_deepseek_v3(tokens, groups):
 
 
 def _reference_route(x, weight, top_k, rule, bias=None):
-    """Float64 transcription of spec §7.5: chosen expert sets and their weights."""
+    """Float64 transcription of model-facts §7.5: chosen expert sets and their weights."""
     logits = x.double() @ weight.double().T
     if rule == "softmax":
         p = logits.softmax(-1)
@@ -136,12 +137,12 @@ def test_router_matches_float64_reference(rule):
 
 @pytest.mark.parametrize("rule", ["softmax", "sigmoid"])
 @torch.no_grad()
-def test_gathered_path_equals_sorted_path(rule):
+def test_per_chosen_expert_path_equals_sorted_path(rule):
     moe = _moe(seed=70, **(BASE_RULE if rule == "sigmoid" else {})).double()
     x = _tokens(40, 71, torch.float64)
     ids, _ = moe.gate(x)
     assert len(set(ids.flatten().tolist())) == 8  # every expert used: the sorted path runs each one
-    gathered, by_expert = moe.experts.gathered(x, ids), moe.experts.sorted_by_expert(x, ids)
-    assert gathered.shape == (40, 3, 64)
+    per_choice, by_expert = moe.experts.per_chosen_expert(x, ids), moe.experts.sorted_by_expert(x, ids)
+    assert per_choice.shape == (40, 3, 64)
     # float64, same products batched differently: measured max 2e-15; 1e-12 is float64 reassociation margin.
-    torch.testing.assert_close(gathered, by_expert, rtol=0, atol=1e-12)
+    torch.testing.assert_close(per_choice, by_expert, rtol=0, atol=1e-12)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from conftest import TINY_LIKE
 from edge_vl2.pipeline import VL2Pipeline
 from edge_vl2.quantize.noise_sensitivity import noise_sensitivity
+
+from conftest import TINY_LIKE
 
 
 def test_noise_sensitivity_grows_with_eps_and_restores_the_weights():

@@ -1,4 +1,4 @@
-"""End-to-end parity with the official DeepSeek-VL2 code (../shared/fixtures/official, float32 CPU run).
+"""End-to-end parity with the official DeepSeek-VL2 code (tests/fixtures/official, float32 CPU run).
 
 Pass criteria are the official team's: identical input ids / image masks / tile grids, identical greedy ids, and
 every compared logit within 1e-4 absolute. That tolerance is ~5x the official code's own float32-vs-float64 noise
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import OFFICIAL, TINY_LIKE
 from edge_vl2.generate import SamplingParams
 from edge_vl2.pipeline import VL2Pipeline
+
+from conftest import OFFICIAL, TINY_LIKE
 
 TOL = 1e-4
 CASES = json.loads((OFFICIAL / "cases.json").read_text())

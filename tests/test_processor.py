@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 from edge_vl2.errors import UserError
-from edge_vl2.images import load_image
-from edge_vl2.processor import Processor, ProcessorConfig, num_image_tokens, select_best_resolution
+from edge_vl2.inputs.images import load_image
+from edge_vl2.inputs.processor import Processor, ProcessorConfig
+from edge_vl2.inputs.tiling import num_image_tokens, select_best_resolution
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "official"
-CKPT = FIXTURE / "checkpoints" / "tiny-like"
-PHOTOS = SHARED / "images"
+from conftest import IMAGES, OFFICIAL, TINY_LIKE
+
+FIXTURE, CKPT = OFFICIAL, TINY_LIKE
+PHOTOS = IMAGES
 PHOTO_FILES = ["visual_grounding_1.jpeg", "visual_grounding_2.jpg", "multi_image_1.jpeg", "multi_image_2.jpeg",
                "multi_image_3.jpeg", "monday.jpg"]
 
@@ -31,7 +32,7 @@ def proc() -> Processor:
 
 # ---- spec worked numbers ----------------------------------------------------------------------------------------
 
-# spec §4.4: (W, H) -> image tokens
+# model-facts §4.4: (W, H) -> image tokens
 TOKEN_TABLE = [
     ((384, 384), 421), ((384, 768), 631), ((768, 384), 617), ((384, 1152), 841), ((1152, 384), 813),
     ((384, 1536), 1051), ((1536, 384), 1009), ((768, 768), 1023), ((384, 1920), 1261), ((1920, 384), 1205),

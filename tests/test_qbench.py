@@ -1,4 +1,4 @@
-"""`edge-vl2 qbench` (edge_vl2.qbench) at the synthetic test size: the command runs end to end and its records say
+"""`edge-vl2 qbench` (edge_vl2.tools.qbench) at the synthetic test size: the command runs end to end and its records say
 what they measured. The speed figures themselves come from running the command (README), not from a timed test.
 
 - one record per configuration, in order, with positive timings over the requested samples, weight bytes and the
@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 
-from edge_vl2.qbench import run_qbench
-from edge_vl2.qlinear import available_backends
+from edge_vl2.quant.linear import available_backends
+from edge_vl2.tools.qbench import run_qbench
 
 BNB = available_backends()["bnb"]
 

@@ -1,10 +1,10 @@
-"""QuantExperts (edge_vl2.qexperts) and the model swap (edge_vl2.quantized_model).
+"""QuantExperts (edge_vl2.quant.experts) and the model swap (edge_vl2.quant.swap).
 
 - gathered (decode) == sorted_by_expert (prefill) == a StackedExperts holding the dequantized weights, per backend:
   reference within 1e-5 (fp32 both sides), cpu within 2e-2 relative Frobenius (one bf16-rounded projection is ~3e-3,
   see test_qlinear; an expert chains gate/up -> SiLU*mul -> down, whose hidden is rounded to bf16 again), cuda's
   Triton kernels (CPU interpreter) within 1e-5.
-- quantize_model_ with RTN INT8 (per channel, every decoder linear + experts + lm_head) on the tiny-like fixture keeps
+- swap_in_quantized_ with RTN INT8 (per channel, every decoder linear + experts + lm_head) on the tiny-like fixture keeps
   the prompt logits close to full precision: mean KL over positions < 0.01 nats (measured 3.1e-3 on the image case,
   1.5e-3 text-only, cpu backend) and leaves routers, norms, embeddings, vision and projector untouched.
 - a decoder quantized with a MIX of backends and bits (INT8 cpu, INT4 reference) runs prefill + decode.
@@ -20,17 +20,19 @@ import json
 import pytest
 import torch
 
-from conftest import OFFICIAL, TINY_LIKE
 from edge_vl2.generate import SamplingParams
-from edge_vl2.kernels import triton_status
-from edge_vl2.model import load_model
-from edge_vl2.moe import Router, StackedExperts
+from edge_vl2.inputs.processor import Processor
+from edge_vl2.model.moe import Router, StackedExperts
+from edge_vl2.model.vl2 import load_model
 from edge_vl2.pipeline import VL2Pipeline
-from edge_vl2.processor import Processor
-from edge_vl2.qexperts import QuantExperts, concat_out
-from edge_vl2.qlinear import QuantLinear
+from edge_vl2.quant.experts import QuantExperts, concat_out
+from edge_vl2.quant.kernels import triton_status
+from edge_vl2.quant.linear import QuantLinear
+from edge_vl2.quant.swap import describe_quantized, swap_in_quantized_
 from edge_vl2.quantize.formats import QuantSpec, quantize_rtn_int4, quantize_rtn_int8
-from edge_vl2.quantized_model import describe_quantized, quantize_model_, rtn_quantize_decoder
+from edge_vl2.quantize.rtn import rtn_decoder_weights
+
+from conftest import OFFICIAL, TINY_LIKE
 
 E, H, I, K = 8, 64, 32, 3
 TRITON_OK, TRITON_WHY = triton_status()
@@ -74,7 +76,7 @@ CASES_EXPERTS = [(b, f, fuse) for b in ("reference", "cpu") for f in sorted(QUAN
 
 
 @pytest.mark.parametrize("backend,fmt,fuse", CASES_EXPERTS)
-def test_gathered_equals_sorted_equals_dequantized_stack(backend, fmt, fuse):
+def test_per_chosen_expert_equals_sorted_equals_dequantized_stack(backend, fmt, fuse):
     if backend == "cuda" and not TRITON_OK:
         pytest.skip(f"cuda backend not testable here: {TRITON_WHY}")
     q = [QUANT[fmt](w) for w in _stacks()]
@@ -91,7 +93,7 @@ def test_gathered_equals_sorted_equals_dequantized_stack(backend, fmt, fuse):
             assert _rel(got_s, want) < TOL[backend], (t, _rel(got_s, want))
             if backend == "cuda" and t > 4:
                 continue
-            got_g = experts.gathered(x, ids)
+            got_g = experts.per_chosen_expert(x, ids)
             assert got_g.shape == (t, K, H) and got_g.dtype == x.dtype
             assert _rel(got_g, want) < TOL[backend], (t, _rel(got_g, want))
             assert _rel(got_g, got_s) < TOL[backend]
@@ -103,11 +105,11 @@ def test_repeated_experts_across_tokens_and_uncached_reference():
     ref = _dequantized_reference(q)
     x = torch.randn(4, H, generator=torch.Generator().manual_seed(5))
     ids = torch.tensor([[0, 1, 2], [2, 1, 0], [0, 5, 7], [7, 6, 0]])
-    want = ref.gathered(x, ids)
+    want = ref.per_chosen_expert(x, ids)
     with torch.no_grad():
         for backend, opts in (("reference", {"cache": False}), ("cpu", {})):
             experts = QuantExperts.stacked(*q, backend, **opts)
-            assert _rel(experts.gathered(x, ids), want) < TOL[backend]
+            assert _rel(experts.per_chosen_expert(x, ids), want) < TOL[backend]
             assert _rel(experts.sorted_by_expert(x, ids), want) < TOL[backend]
 
 
@@ -145,7 +147,7 @@ def test_experts_of_different_formats_in_one_layer(backend):
         for t in (1, 3, 17):
             x, ids = _routing(t, seed=10 + t)
             want = ref.sorted_by_expert(x, ids)
-            assert _rel(experts.gathered(x, ids), want) < TOL[backend]
+            assert _rel(experts.per_chosen_expert(x, ids), want) < TOL[backend]
             assert _rel(experts.sorted_by_expert(x, ids), want) < TOL[backend]
 
 
@@ -193,10 +195,10 @@ def test_rtn_int8_model_keeps_logits_and_high_precision_parts(full_precision):
     _, ref_logits = full_precision
     model, model_dir = load_model(TINY_LIKE, dtype=torch.float32)
     before = _high_precision_state(model)
-    quantized = rtn_quantize_decoder(model, lambda name: QuantSpec(bits=8, group_size=None))
+    quantized = rtn_decoder_weights(model, lambda name: QuantSpec(bits=8, group_size=None))
     assert "language.lm_head" in quantized and "language.model.layers.1.mlp.experts.gate_proj" in quantized
     assert not any(".mlp.gate." in n or n.endswith(".mlp.gate") for n in quantized)
-    quantize_model_(model, quantized, "cpu")
+    swap_in_quantized_(model, quantized, "cpu")
 
     lines = describe_quantized(model)
     assert sum(lines.values()) == len(quantized) - 2 * 2  # 3 expert tensors per MoE layer make one QuantExperts
@@ -229,8 +231,8 @@ def test_mixed_backends_and_bits_decode(full_precision):
             return None
         return QuantSpec(4, 32, symmetric=False)
 
-    quantize_model_(model, rtn_quantize_decoder(model, int8), "cpu")
-    quantize_model_(model, rtn_quantize_decoder(model, int4), "reference")
+    swap_in_quantized_(model, rtn_decoder_weights(model, int8), "cpu")
+    swap_in_quantized_(model, rtn_decoder_weights(model, int4), "reference")
     lines = describe_quantized(model)
     assert any(line.startswith("cpu: INT8") for line in lines) and any("reference: " in line for line in lines)
     assert isinstance(model.language.model.layers[0].mlp.down_proj, torch.nn.Linear)  # left in full precision
@@ -245,19 +247,19 @@ def test_mixed_backends_and_bits_decode(full_precision):
     assert 1 <= len(tokens) <= 4
 
 
-def test_quantize_model_rejects_names_it_must_not_touch():
+def test_swap_in_quantized_rejects_names_it_must_not_touch():
     model, _ = load_model(TINY_LIKE, dtype=torch.float32)
     router = model.language.model.layers[1].mlp.gate.weight
     with pytest.raises(ValueError, match=r"mlp\.gate"):
-        quantize_model_(model, {"language.model.layers.1.mlp.gate": quantize_rtn_int8(router.detach())}, "cpu")
+        swap_in_quantized_(model, {"language.model.layers.1.mlp.gate": quantize_rtn_int8(router.detach())}, "cpu")
     experts = model.language.model.layers[1].mlp.experts
     stack = quantize_rtn_int8(experts.gate_proj.detach())
     with pytest.raises(ValueError, match="both as a whole stack and per expert"):
-        quantize_model_(model, {"language.model.layers.1.mlp.experts.gate_proj": stack,
+        swap_in_quantized_(model, {"language.model.layers.1.mlp.experts.gate_proj": stack,
                                 "language.model.layers.1.mlp.experts.0.gate_proj": stack.expert(0)}, "cpu")
     with pytest.raises(ValueError, match=r"experts\.8\.gate_proj"):  # 8 experts: ids 0..7
-        quantize_model_(model, {"language.model.layers.1.mlp.experts.8.gate_proj": stack.expert(0)}, "cpu")
+        swap_in_quantized_(model, {"language.model.layers.1.mlp.experts.8.gate_proj": stack.expert(0)}, "cpu")
     q_proj = model.language.model.layers[0].self_attn.q_proj.weight.detach()
     with pytest.raises(ValueError, match="!="):
-        quantize_model_(model, {"language.model.layers.0.self_attn.k_proj": quantize_rtn_int8(q_proj[:, :64])}, "cpu")
+        swap_in_quantized_(model, {"language.model.layers.0.self_attn.k_proj": quantize_rtn_int8(q_proj[:, :64])}, "cpu")
     assert isinstance(model.language.model.layers[1].mlp.experts, StackedExperts)  # nothing swapped on error

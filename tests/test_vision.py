@@ -1,4 +1,4 @@
-"""Vision path (spec §2, §4): SigLIP tower == transformers SiglipVisionModel, projector == a float64 transcription of
+"""Vision path (model-facts §2, §4): SigLIP tower == transformers SiglipVisionModel, projector == a float64 transcription of
 the spec's words, layout_image == a naive loop over the spec's placement rule."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from edge_vl2.model.config import ProjectorConfig, VisionConfig
+from edge_vl2.model.vision import Projector, SiglipTower, layout_image
+
 from _random_weights import fill_
-from edge_vl2.config import ProjectorConfig, VisionConfig
-from edge_vl2.vision import Projector, SiglipTower, layout_image
 
 
 def _reference_tower(ours: SiglipTower, cfg: VisionConfig) -> SiglipVisionModel:
@@ -60,7 +61,7 @@ def test_tower_matches_transformers_siglip(width, heads, layers):
 
 
 def _reference_projector(feats: torch.Tensor, linears: list[torch.nn.Linear]) -> torch.Tensor:
-    """Spec §4.2 word for word, float64: pad one zero row/col, 2x2 blocks, index c*4 + dy*2 + dx, Linear-GELU-Linear."""
+    """model-facts §4.2 word for word, float64: pad one zero row/col, 2x2 blocks, index c*4 + dy*2 + dx, Linear-GELU-Linear."""
     side = math.isqrt(feats.shape[0])
     c = feats.shape[1]
     grid = feats.view(side, side, c)
@@ -95,7 +96,7 @@ def test_projector_matches_spec_transcription(side):
 
 
 def _naive_layout(tiles, tw, th, newline, separator):
-    """Spec §4.3 as loops: global rows + newline, separator, stitched local canvas rows + newline."""
+    """model-facts §4.3 as loops: global rows + newline, separator, stitched local canvas rows + newline."""
     side = math.isqrt(tiles.shape[1])
     out = []
     for r in range(side):
@@ -116,5 +117,5 @@ def test_layout_image_matches_naive_loop(tw, th):
     tiles = torch.randn(1 + tw * th, 196, d, generator=gen)
     newline, separator = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     got = layout_image(tiles, tw, th, newline, separator)
-    assert got.shape == (211 + 14 * th * (14 * tw + 1), d)  # spec §4.4 token count
+    assert got.shape == (211 + 14 * th * (14 * tw + 1), d)  # model-facts §4.4 token count
     assert torch.equal(got, _naive_layout(tiles, tw, th, newline, separator))  # pure data movement: exact

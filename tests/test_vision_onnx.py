@@ -1,4 +1,4 @@
-"""Vision tower + projector in ONNX (export/vision_onnx.py, edge_vl2/vision_ort.py): ORT == torch within the stated
+"""Vision tower + projector in ONNX (export/vision_onnx.py, edge_vl2/bundle/vision_ort.py): ORT == torch within the stated
 tolerances on tiles of real photos, the tile axis is dynamic, the fp16 graph keeps LayerNorm/softmax in fp32, INT8
 meets its cosine, the runner as the pipeline's tile encoder gives the torch path's logits, bad or tampered files and
 impossible tolerances are UserErrors that leave nothing behind, and the runtime side imports no onnx tooling."""
@@ -12,15 +12,23 @@ import onnx
 import pytest
 import torch
 
-from conftest import IMAGES, REPO, TINY_LIKE
+from edge_vl2.bundle.vision_ort import OrtVisionRunner
 from edge_vl2.errors import UserError
-from edge_vl2.export.vision_bench import format_table, run_vision_bench
-from edge_vl2.export.vision_onnx import (TOLERANCES, Tolerance, compare, export_vision, load_vision_graph,
-                                         validate_vision, vision_graph)
-from edge_vl2.model import load_model
+from edge_vl2.export.vision_onnx import (
+    TOLERANCES,
+    Tolerance,
+    compare,
+    export_vision,
+    load_vision_graph,
+    validate_vision,
+    vision_graph,
+)
+from edge_vl2.inputs.processor import Processor
+from edge_vl2.model.vl2 import load_model
 from edge_vl2.pipeline import VL2Pipeline
-from edge_vl2.processor import Processor
-from edge_vl2.vision_ort import OrtVisionRunner
+from edge_vl2.tools.vision_bench import format_table, run_vision_bench
+
+from conftest import IMAGES, REPO, TINY_LIKE
 
 # 7 tiles each (global + 2x3 / 3x2 local). Exports validate on the first; the tests check both, so the second is a
 # photo the export never saw.
@@ -39,7 +47,7 @@ def processor():
 
 @pytest.fixture(scope="module")
 def tiles(processor):
-    from edge_vl2.images import load_image
+    from edge_vl2.inputs.images import load_image
 
     return torch.cat([processor.tile_image(load_image(p))[0] for p in PHOTOS])  # [14, 3, 384, 384]
 
@@ -221,7 +229,7 @@ def test_vision_bench_reports_every_backend():
 
 
 def test_runtime_import_pulls_no_onnx_tooling():
-    code = ("import sys, edge_vl2.vision_ort\n"
+    code = ("import sys, edge_vl2.bundle.vision_ort\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnx', 'onnxscript', 'transformers', 'timm', "
             "'optimum'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,66 @@
+"""`edge-vl2 quantize`: quantize the decoder under one or several configurations and measure each."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import UserError
+from .common import one_line_errors
+
+
+@click.command()
+@click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
+@click.option("--recipe", default="int4", show_default=True,
+              help="int8 | int4 | int4-g<N> | mixed | bf16, or a recipe JSON file.")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--hessians", type=click.Choice(["routed", "all-tokens", "blend"]), default="blend", show_default=True,
+              help="Routed-expert GPTQ statistics: routed tokens only, every token by router affinity, or a blend.")
+@click.option("--compare", "compare_", default=None,
+              help="Several configurations, reference computed once: [rtn-|gptq-]RECIPE[-HESSIANS],... "
+                   "e.g. rtn-int4,gptq-int4,gptq-int8,mixed (overrides --recipe).")
+@click.option("--calib-samples", default=32, show_default=True, type=int, help="Calibration samples.")
+@click.option("--calib-dir", default=None, help="Calibrate on the images of this folder instead of rendered ones.")
+@click.option("--eval", "eval_", default=8, show_default=True, type=int,
+              help="Held-out evaluation samples (rendered, another seed); 0 skips the fidelity figures.")
+@click.option("--max-tokens", default=768, show_default=True, type=int, help="Tokens per sequence, both sets.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Decoder dtype of the full-precision reference.")
+@click.option("--mixed-budget", default="int4-g32", show_default=True,
+              help="mixed: routed-expert bytes of this uniform recipe, or a number of GB.")
+@click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write the full report as JSON.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch threads [default: torch's choice]; 1 is faster on a CPU other jobs share.")
+@one_line_errors
+def quantize(model, recipe, method, hessians, compare_, calib_samples, calib_dir, eval_, max_tokens, dtype, mixed_budget,
+             report, threads):
+    """Quantize the decoder and print its fidelity against full precision on held-out samples, with wall time and
+    bytes; --compare measures several configurations against one full-precision reference."""
+    import torch
+
+    from edge_vl2.quantize.command import QuantizeOptions, parse_configs, run_quantize, summary_table
+    from edge_vl2.quantize.fidelity import format_report, write_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    if report:  # fail now, not after an hour of quantization
+        from pathlib import Path
+
+        folder = Path(report).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--report {report}: cannot create {folder} ({e.strerror})") from None
+
+    configs = parse_configs(compare_ or f"{method}-{recipe}-{hessians}", method, hessians)
+    if calib_samples < 0 or eval_ < 0 or max_tokens < 16:
+        raise UserError("--calib-samples and --eval must be >= 0 and --max-tokens >= 16")
+    opts = QuantizeOptions(model, configs, calib=calib_samples, calib_dir=calib_dir, eval=eval_, max_tokens=max_tokens,
+                           dtype=dtype, mixed_budget=mixed_budget, progress=lambda m: click.echo(m, err=True))
+    result = run_quantize(opts)
+    for run in result["runs"]:
+        if run["fidelity"]:
+            click.echo(f"== {run['config']} ==\n{format_report(run['fidelity'])}\n")
+    click.echo(summary_table(result))
+    click.echo(f"wall {result['wall_seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+    if report:
+        write_json(result, report)

@@ -1,0 +1,380 @@
+"""Prompt + images -> token ids, image mask and pixel tiles, exactly as the official `DeepseekVLV2Processor`.
+
+Official behaviour reproduced here (model-facts §3, §4.4, §6.2; `format_messages_v2` + `tokenize_with_images`):
+- bos once; each user turn is `"<|User|>: " + content.strip() + "\\n\\n<|Assistant|>:"`, split at `<image>` and
+  each text segment tokenised on its own; each image becomes `n_img` copies of the `<image>` id, marked in
+  `images_seq_mask`; a past assistant answer is `content.strip()` + eos; a leading system message is its raw
+  stripped text. The final eos of a conversation ending with an assistant message is dropped (inference mode).
+- Tiling only when the whole conversation has <= 2 images; tiles = global 384 view, then the local grid in raster
+  order, `ImageOps.pad` with grey (127) padding, normalised with the configured mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from .images import load_image
+from .tiling import num_image_tokens, tile_image
+from .tokenizer import ASSISTANT_TOKEN, USER_TOKEN, Tokenizer
+
+USER_ROLES = ("<|User|>", "user")
+ASSISTANT_ROLES = ("<|Assistant|>", "assistant")
+SYSTEM_ROLES = ("system",)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """`processor_config.json` of a DeepSeek-VL2 checkpoint."""
+
+    candidate_resolutions: tuple[tuple[int, int], ...]
+    patch_size: int
+    downsample_ratio: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    image_token: str = "<image>"
+    normalize: bool = True
+    pad_token: str = "<｜▁pad▁｜>"
+    sft_format: str = "deepseek"
+
+    @property
+    def image_size(self) -> int:
+        """Tile side: the official processor takes it from the first candidate (384)."""
+        return self.candidate_resolutions[0][0]
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """Background of padded views: int(mean * 255) per channel (127 for mean 0.5)."""
+        return tuple(int(x * 255) for x in self.image_mean)
+
+    def num_image_tokens(self, tw: int, th: int) -> int:
+        return num_image_tokens(tw, th, self.image_size, self.patch_size, self.downsample_ratio)
+
+    def to_dict(self) -> dict:
+        return {"candidate_resolutions": [list(r) for r in self.candidate_resolutions],
+                "patch_size": self.patch_size, "downsample_ratio": self.downsample_ratio,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "image_token": self.image_token, "normalize": self.normalize, "pad_token": self.pad_token,
+                "sft_format": self.sft_format}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "processor_config.json") -> "ProcessorConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object")
+        for key in ("candidate_resolutions", "patch_size", "downsample_ratio", "image_mean", "image_std",
+                    "image_token"):
+            if key not in d:
+                raise UserError(f"{source}: {key} is missing")
+        try:
+            res = tuple((int(w), int(h)) for w, h in d["candidate_resolutions"])
+            mean = tuple(float(x) for x in d["image_mean"])
+            std = tuple(float(x) for x in d["image_std"])
+            patch, down = int(d["patch_size"]), int(d["downsample_ratio"])
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: candidate_resolutions / image_mean / image_std / patch_size / "
+                            "downsample_ratio have the wrong type") from None
+        if not res or res[0][0] != res[0][1] or res[0][0] <= 0:
+            raise UserError(f"{source}: the first candidate resolution must be the square tile size, got {res[:1]}")
+        size = res[0][0]
+        bad = [r for r in res if r[0] <= 0 or r[1] <= 0 or r[0] % size or r[1] % size]
+        if bad:
+            raise UserError(f"{source}: candidate resolutions {bad} are not multiples of the {size} px tile")
+        if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
+            raise UserError(f"{source}: image_mean / image_std must be 3 numbers, std non-zero")
+        if patch <= 0 or down <= 0:
+            raise UserError(f"{source}: patch_size and downsample_ratio must be positive")
+        sft = d.get("sft_format", "deepseek")
+        if sft != "deepseek":
+            raise UserError(f"{source}: sft_format {sft!r} is not supported (DeepSeek-VL2 uses 'deepseek')")
+        if not isinstance(d["image_token"], str) or not d["image_token"]:
+            raise UserError(f"{source}: image_token must be a non-empty string")
+        normalize = d.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise UserError(f"{source}: normalize must be true or false")
+        return cls(candidate_resolutions=res, patch_size=patch, downsample_ratio=down, image_mean=mean,
+                   image_std=std, image_token=d["image_token"], normalize=normalize,
+                   pad_token=str(d.get("pad_token", "<｜▁pad▁｜>")), sft_format=sft)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ProcessorConfig":
+        path = Path(path)
+        return cls.from_dict(_read_json(path), source=str(path))
+
+
+@dataclass
+class ProcessorOutput:
+    """Everything the model needs for one conversation; the token count is known before any compute."""
+
+    input_ids: torch.Tensor  # [T] long
+    images_seq_mask: torch.Tensor  # [T] bool, True at every <image> position
+    pixel_values: torch.Tensor  # [n_tiles, 3, S, S] float32: per image its global tile, then local raster order
+    images_spatial_crop: torch.Tensor  # [n_images, 2] long: (width tiles, height tiles)
+    num_image_tokens: list[int] = field(default_factory=list)  # per image
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # original (w, h) per image, for grounding
+    text: str = ""  # the formatted text that was tokenised, for display ("<image>" once per image)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.seq_len
+
+
+class Processor:
+    """Official-equivalent DeepSeek-VL2 processor (tokenizer + tiling), no transformers needed."""
+
+    def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_id = tokenizer.token_to_id(config.image_token)
+        if self.image_id is None:
+            raise UserError(f"{tokenizer.source}: the tokenizer has no image token {config.image_token!r}")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "Processor":
+        """Read `tokenizer.json` and `processor_config.json` (and check `config.json` agrees when present)."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise UserError(f"{model_dir}: not a directory")
+        pcfg_path = model_dir / "processor_config.json"
+        if not pcfg_path.is_file():
+            raise UserError(f"{pcfg_path}: not found")
+        config = ProcessorConfig.from_file(pcfg_path)
+        model_cfg_path = model_dir / "config.json"
+        if model_cfg_path.is_file():
+            _check_model_config(_read_json(model_cfg_path), config, str(model_cfg_path))
+        tokenizer = Tokenizer.from_pretrained(model_dir, image_token=config.image_token)
+        return cls(tokenizer, config)
+
+    def max_tiles(self) -> int:
+        """Most tiles one image can produce: the global view plus the largest candidate grid."""
+        S = self.config.image_size
+        return 1 + max((w // S) * (h // S) for w, h in self.config.candidate_resolutions)
+
+    def capped_at(self, max_tiles: int) -> "Processor":
+        """This processor with the candidate grids limited to `max_tiles` tiles per image (global view included).
+
+        A device profile's cap: on a CPU kiosk one tile is seconds of compute, so a wide photo is read at 2x1 tiles
+        instead of up to 9. Images then get fewer image tokens than the official processor gives them (documented
+        deviation, only when a profile asks for it); the tile side stays the first candidate's.
+        """
+        S = self.config.image_size
+        kept = tuple((w, h) for w, h in self.config.candidate_resolutions if 1 + (w // S) * (h // S) <= max_tiles)
+        if not kept or kept[0][0] != S:
+            raise UserError(f"a cap of {max_tiles} tiles per image leaves no candidate grid (the smallest needs "
+                            f"{1 + min((w // S) * (h // S) for w, h in self.config.candidate_resolutions)})")
+        return Processor(self.tokenizer, replace(self.config, candidate_resolutions=kept))
+
+    # ---- pixels -------------------------------------------------------------------------------------------------
+
+    def tile_image(self, image: Image.Image, cropping: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tiles of one RGB image: [1 + tw*th, 3, S, S] float32 and (tw, th)."""
+        return tile_image(image, self.config, cropping)
+
+    # ---- conversations ------------------------------------------------------------------------------------------
+
+    def process(self, conversation: list[dict], images: list | None = None,
+                max_tokens: int | None = None) -> ProcessorOutput:
+        """Tokenise a conversation and tile its images.
+
+        `conversation`: messages {"role": "<|User|>"|"user"|"<|Assistant|>"|"assistant"|"system", "content": str,
+        optional "images": [...]}. It may end with a user message or with an assistant message (empty for a fresh
+        answer; non-empty to continue that answer). `images`: paths or PIL images in the order of the `<image>`
+        tags; when None, the messages' "images" lists are used. Tags and images must match one to one.
+        `max_tokens`: raise a UserError when the prompt is longer.
+        """
+        msgs = self._check_conversation(conversation)
+        pil = [load_image(x) for x in self._images_for(msgs, images)]
+        cropping = len(pil) <= 2  # official: tiling only with <= 2 images in the whole conversation
+        out = _PromptBuilder(self.tokenizer)
+        tag, next_image = self.config.image_token, 0
+        for m in msgs:
+            content = m["content"].strip()
+            if m["role"] == "user":
+                # conv.get_prompt() of the "deepseek" template with an empty assistant message.
+                formatted = (f"{USER_TOKEN}: {content}\n\n" if content else f"{USER_TOKEN}:") + f"{ASSISTANT_TOKEN}:"
+                segments = formatted.split(tag)
+                for k, seg in enumerate(segments):
+                    out.text(seg)
+                    if k < len(segments) - 1:
+                        tiles, (tw, th) = self.tile_image(pil[next_image], cropping)
+                        out.image(tiles, tw, th, self.config.num_image_tokens(tw, th), self.image_id, tag)
+                        next_image += 1
+            elif m["role"] == "assistant":
+                out.text(content)
+                out.eos()
+            else:  # system: raw text, no template (official)
+                out.text(content)
+        if msgs[-1]["role"] == "assistant":  # inference mode strips the answer's closing eos
+            out.drop_last()
+        if max_tokens is not None and len(out.ids) > max_tokens:
+            raise UserError(f"the prompt is {len(out.ids)} tokens ({sum(out.counts)} for images), over the limit "
+                            f"of {max_tokens}; use fewer or smaller images or a shorter history")
+        return out.finish([im.size for im in pil], self.config.image_size)
+
+    def _images_for(self, msgs: list[dict], images) -> list:
+        """The images in `<image>` tag order: the given list, or the messages' own "images" lists."""
+        tag = self.config.image_token
+        tags_per_msg = [m["content"].count(tag) for m in msgs]
+        if images is None:
+            images = []
+            for m, n in zip(msgs, tags_per_msg):
+                own = list(m.get("images") or [])
+                if len(own) != n:
+                    raise UserError(f"a {m['role']} message has {n} {tag} tag(s) but lists {len(own)} image(s)")
+                images += own
+        else:
+            images = _as_list(images)
+        if sum(tags_per_msg) != len(images):
+            raise UserError(f"the prompt has {sum(tags_per_msg)} {tag} tag(s) but {len(images)} image(s) were "
+                            f"given; put one {tag} where each image belongs")
+        return images
+
+    def process_prompt(self, prompt: str, images=(), system: str | None = None,
+                       history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False,
+                       max_tokens: int | None = None) -> ProcessorOutput:
+        """The CLI form: one prompt, its images, an optional system text and past (user, assistant) turns.
+
+        `images` follow the `<image>` tags of the history and then of the prompt. With `auto_image_tags`, a prompt
+        with fewer tags than images gets the missing `"<image>\\n"` lines prepended (the official web demo's
+        convention); otherwise any mismatch is a UserError.
+        """
+        if not isinstance(prompt, str):
+            raise UserError("the prompt must be a string")
+        images = _as_list(images)
+        conv: list[dict] = []
+        if system:
+            conv.append({"role": "system", "content": system})
+        for turn in history or []:
+            if not (isinstance(turn, (tuple, list)) and len(turn) == 2):
+                raise UserError("history must be a list of (user, assistant) pairs")
+            conv.append({"role": "user", "content": turn[0]})
+            conv.append({"role": "assistant", "content": turn[1]})
+        tag = self.config.image_token
+        n_tags = prompt.count(tag) + sum(str(m["content"]).count(tag) for m in conv if m["role"] == "user")
+        if auto_image_tags and n_tags < len(images):
+            prompt = f"{tag}\n" * (len(images) - n_tags) + prompt
+        conv.append({"role": "user", "content": prompt})
+        conv.append({"role": "assistant", "content": ""})
+        return self.process(conv, images, max_tokens=max_tokens)
+
+    def _check_conversation(self, conversation) -> list[dict]:
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise UserError("the conversation must be a non-empty list of messages")
+        tag = self.config.image_token
+        out = []
+        for i, m in enumerate(conversation):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UserError(f"message {i} must be a dict with 'role' and 'content'")
+            if not isinstance(m["content"], str):
+                raise UserError(f"message {i}: content must be a string")
+            role = m["role"]
+            if role in USER_ROLES:
+                norm = "user"
+            elif role in ASSISTANT_ROLES:
+                norm = "assistant"
+            elif role in SYSTEM_ROLES:
+                norm = "system"
+                if i != 0:
+                    raise UserError(f"message {i}: a system message may only come first")
+            else:
+                raise UserError(f"message {i}: unknown role {role!r} (use user, assistant or system)")
+            if norm != "user" and tag in m["content"]:
+                raise UserError(f"message {i}: {tag} tags may only appear in user messages")
+            out.append({**m, "role": norm})
+        if not any(m["role"] == "user" for m in out):
+            raise UserError("the conversation has no user message")
+        if out[-1]["role"] == "system":
+            raise UserError("the conversation ends with a system message; add a user message")
+        return out
+
+
+class _PromptBuilder:
+    """Token ids, image mask, tiles and the readable text of a prompt, appended piece by piece."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.ids, self.mask, self.parts = [tok.bos_id], [False], [tok.bos_token]
+        self.tiles: list[torch.Tensor] = []
+        self.crops: list[list[int]] = []
+        self.counts: list[int] = []
+
+    def text(self, s: str) -> None:
+        """A text segment, tokenised on its own (official: the prompt is split at each `<image>`)."""
+        if s:
+            t = self.tok.encode(s)
+            self.ids += t
+            self.mask += [False] * len(t)
+            self.parts.append(s)
+
+    def image(self, tiles: torch.Tensor, tw: int, th: int, n_tokens: int, image_id: int, tag: str) -> None:
+        self.tiles.append(tiles)
+        self.crops.append([tw, th])
+        self.counts.append(n_tokens)
+        self.ids += [image_id] * n_tokens
+        self.mask += [True] * n_tokens
+        self.parts.append(tag)
+
+    def eos(self) -> None:
+        self.ids.append(self.tok.eos_id)
+        self.mask.append(False)
+        self.parts.append(self.tok.eos_token)
+
+    def drop_last(self) -> None:
+        self.ids.pop()
+        self.mask.pop()
+        self.parts.pop()
+
+    def finish(self, image_sizes: list[tuple[int, int]], tile_size: int) -> ProcessorOutput:
+        empty = torch.zeros((0, 3, tile_size, tile_size), dtype=torch.float32)
+        return ProcessorOutput(
+            input_ids=torch.tensor(self.ids, dtype=torch.long),
+            images_seq_mask=torch.tensor(self.mask, dtype=torch.bool),
+            pixel_values=torch.cat(self.tiles, 0) if self.tiles else empty,
+            images_spatial_crop=torch.tensor(self.crops, dtype=torch.long).reshape(-1, 2),
+            num_image_tokens=self.counts, image_sizes=image_sizes, text="".join(self.parts))
+
+
+def _as_list(images) -> list:
+    """A single path or image is one image, not a sequence of characters."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+
+
+def _check_model_config(d, config: ProcessorConfig, source: str) -> None:
+    """config.json repeats candidate_resolutions and the vision patch size: they must agree with the processor."""
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: expected a JSON object")
+    res = d.get("candidate_resolutions")
+    if res is not None:
+        try:
+            res = tuple((int(w), int(h)) for w, h in res)
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: candidate_resolutions must be a list of [width, height] pairs") from None
+        if res != config.candidate_resolutions:
+            raise UserError(f"{source}: candidate_resolutions differ from processor_config.json")
+    vis = d.get("vision_config")
+    if isinstance(vis, dict):
+        if "patch_size" in vis and int(vis["patch_size"]) != config.patch_size:
+            raise UserError(f"{source}: vision patch_size {vis['patch_size']} != processor_config.json "
+                            f"patch_size {config.patch_size}")
+        if "image_size" in vis and int(vis["image_size"]) != config.image_size:
+            raise UserError(f"{source}: vision image_size {vis['image_size']} != tile size {config.image_size}")

@@ -1,0 +1,202 @@
+"""`edge-vl2 vision-bench`: the vision tower + projector per tile, PyTorch fp32 against ONNX Runtime at each
+precision, in one run, on the processor's tiles of one image.
+
+Steps: read only the tower + projector (fp32) from the checkpoint, time PyTorch and free it, export every graph to
+a temporary folder in child processes (unvalidated: a benchmark reports the differences rather than refusing them),
+then per precision open a session, warm it up, time it and compare it with the PyTorch outputs. Both sides use the same
+threads and tiles per run. Timing hygiene (edge_vl2.tools.timing): GOMP_SPINCOUNT is set before torch is first imported (small
+torch ops otherwise stall a flat 8 ms); the host is noisy, so compare within one run: medians and ratios.
+
+Only the standard library is imported at module level, so `run_vision_bench` can set the environment first.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edge_vl2.errors import UserError
+from edge_vl2.procinfo import peak_rss_bytes
+from edge_vl2.tools.timing import set_timing_env
+
+
+def generated_card(width: int = 1024, height: int = 704):
+    """A generated image (gradients, bars, text-like strokes) for runs without --image: 3x2 local tiles."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], -1).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    for i in range(0, width, 64):
+        draw.rectangle([i, height - 120, i + 30, height - 20], fill=(255 - i % 256, i % 256, 128))
+    for row in range(8):
+        draw.text((40, 40 + 40 * row), "edge-vl2 vision bench 0123456789 " * 3, fill=(0, 0, 0))
+    return img
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _time_per_tile(fn, tiles, repeats: int, batch: int):
+    """(median ms per tile over `repeats` runs over all tiles, every run's ms per tile, the last run's output),
+    after one untimed run on a chunk of the timed shape (allocations, ORT's weight prepacking, lazy init)."""
+    fn(tiles[:batch])
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn(tiles)
+        runs.append((time.perf_counter() - t0) * 1e3 / len(tiles))
+    return sorted(runs)[len(runs) // 2], [round(r, 2) for r in runs], out
+
+
+def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
+                     precisions: tuple[str, ...] = ("fp32", "fp16", "int8"), repeats: int = 3,
+                     max_tiles: int | None = None, threads: int | None = None, batch: int = 4,
+                     progress=None) -> dict:
+    """Time and compare; returns {"setup": {...}, "records": [torch record, one per precision]}.
+
+    Each record: backend, precision, ms_per_tile (median), runs_ms, ratio (PyTorch ms / this ms: above 1 is
+    faster than PyTorch), peak_rss_mb of this process so far, and for ONNX Runtime max_abs, max_rel, cosine_min,
+    cosine_mean against PyTorch fp32, tolerance_ok (the export tolerance), providers, graph_mb and export_s.
+    """
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:  # the export toolchain is not part of a device install
+        raise UserError(f"vision-bench needs the export toolchain: pip install {' '.join(missing)}")
+    env = set_timing_env()
+    import onnxruntime
+    import torch
+
+    from edge_vl2.bundle.vision_ort import OrtVisionRunner
+    from edge_vl2.export.vision_onnx import PRECISIONS, TOLERANCES, compare, load_vision_graph, tolerance_failures
+    from edge_vl2.inputs.images import load_image
+    from edge_vl2.inputs.processor import Processor
+
+    say = progress or (lambda msg: None)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise UserError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    if repeats < 1 or batch < 1 or (max_tiles is not None and max_tiles < 1):
+        raise UserError("--repeats, --tiles and the batch must be at least 1")
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+
+    processor = Processor.from_pretrained(model_dir)
+    picture = load_image(image) if image is not None else generated_card()
+    tiles = processor.tile_image(picture)[0][:max_tiles]  # [N, 3, 384, 384], global view first
+    say(f"{len(tiles)} tiles of {image or 'a generated test card'}; reading the vision tower")
+    graph = load_vision_graph(model_dir)
+    params = sum(p.numel() for p in graph.parameters())
+
+    def torch_encode(x):
+        with torch.inference_mode():
+            return torch.cat([graph(chunk) for chunk in x.split(batch)])
+
+    say(f"PyTorch fp32, {repeats} runs")
+    torch_ms, torch_runs, reference = _time_per_tile(torch_encode, tiles, repeats, batch)  # [N, 196, H]
+    records = [{"backend": "torch", "precision": "fp32", "ms_per_tile": round(torch_ms, 2), "runs_ms": torch_runs,
+                "ratio": 1.0, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}]
+    del graph, torch_encode  # from here on only the ONNX Runtime sessions hold weights
+    gc.collect()
+
+    with tempfile.TemporaryDirectory(prefix="vision-bench.") as tmp:
+        say(f"exporting {', '.join(precisions)} in child processes")
+        exported = _export_in_child(model_dir, tmp, precisions)
+        for precision in precisions:
+            runner = OrtVisionRunner(Path(tmp) / f"vision-{precision}.onnx", threads=threads, batch=batch)
+            say(f"ONNX Runtime {precision} on {', '.join(runner.providers)}, {repeats} runs")
+            ms, runs, got = _time_per_tile(runner.encode_tiles, tiles, repeats, batch)
+            figures = compare(got, reference)
+            records.append({"backend": "onnxruntime", "precision": precision, "ms_per_tile": round(ms, 2),
+                            "runs_ms": runs, "ratio": round(torch_ms / ms, 2),
+                            **{k: figures[k] for k in ("max_abs", "max_rel", "cosine_min", "cosine_mean")},
+                            "tolerance_ok": not tolerance_failures(figures, TOLERANCES[precision]),
+                            "providers": runner.providers, **exported["graphs"][precision],
+                            "peak_rss_mb": round(peak_rss_bytes() / 2**20)})
+            del runner
+            gc.collect()
+
+    setup = {"model": str(model_dir), "image": str(image) if image else "generated test card",
+             "tiles": len(tiles), "batch": batch, "threads": threads, "repeats": repeats,
+             "vision_params": params, "cpu": _cpu_name(), "timing_env": env,
+             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+             "export_peak_rss_mb": exported["peak_rss_mb"], "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+    return {"setup": setup, "records": records}
+
+
+def _export_in_child(model_dir: str | Path, out_dir: str, precisions) -> dict:
+    """Export in child processes, so the export's peaks are returned to the system before the sessions are timed
+    instead of stacking on them: one traces the fp32 graph (the exporter keeps the PyTorch weights alive until its
+    process ends), a second converts it to fp16 / int8 (~3x the fp32 weights at peak) without them."""
+    steps = [["fp32"]] + ([[p for p in precisions if p != "fp32"]] if set(precisions) - {"fp32"} else [])
+    graphs, peak = {}, 0
+    for step in steps:
+        args = [sys.executable, "-m", "edge_vl2.tools.vision_bench", str(model_dir), out_dir, *step]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"exporting the vision graphs failed: {tail}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        graphs.update(result["graphs"])
+        peak = max(peak, result["peak_rss_mb"])
+    return {"graphs": graphs, "peak_rss_mb": peak}
+
+
+def _export_all(model_dir: str, out_dir: str, precisions: list[str]) -> dict:
+    """A child's work: each graph as `vision-<precision>.onnx` in `out_dir` (unvalidated), its size and time;
+    fp16 and int8 are converted from the fp32 graph already there."""
+    from edge_vl2.export.vision_onnx import load_vision_graph, write_vision_graph
+
+    out, graphs = Path(out_dir), {}
+    for precision in precisions:
+        t0 = time.perf_counter()
+        path = out / f"vision-{precision}.onnx"
+        if precision == "fp32":
+            write_vision_graph(load_vision_graph(model_dir), path, "fp32")
+        else:
+            write_vision_graph(None, path, precision, fp32_graph=out / "vision-fp32.onnx")
+        size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(path.name))
+        graphs[precision] = {"export_s": round(time.perf_counter() - t0, 1), "graph_mb": round(size / 2**20, 1)}
+    return {"graphs": graphs, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+
+
+def format_table(result: dict) -> str:
+    """The human-readable report: one line per backend, ratios against PyTorch fp32."""
+    s = result["setup"]
+    lines = [f"vision-bench: {s['model']} ({s['vision_params'] / 1e6:.1f}M vision params), {s['image']}: "
+             f"{s['tiles']} tiles, {s['batch']} per run, {s['threads']} threads, median of {s['repeats']}",
+             f"  {s['cpu']}; torch {s['torch']}, onnxruntime {s['onnxruntime']}; {s['timing_env']}",
+             f"  {'backend':<19}{'ms/tile':>10}{'vs torch':>10}{'max|ORT-torch|':>16}{'max_rel':>10}"
+             f"{'1-cos(worst)':>14}{'tol':>5}  providers"]
+    for r in result["records"]:
+        name = f"{r['backend']} {r['precision']}"
+        if r["backend"] == "torch":
+            lines.append(f"  {name:<19}{r['ms_per_tile']:>10.1f}{'1.00x':>10}")
+            continue
+        lines.append(f"  {name:<19}{r['ms_per_tile']:>10.1f}{r['ratio']:>9.2f}x{r['max_abs']:>16.3g}"
+                     f"{r['max_rel']:>10.2g}{1 - r['cosine_min']:>14.2g}{'ok' if r['tolerance_ok'] else 'OVER':>5}  "
+                     f"{','.join(p.replace('ExecutionProvider', '') for p in r['providers'])}")
+    lines.append(f"  peak RSS {s['peak_rss_mb']:.0f} MB (during export {s['export_peak_rss_mb']:.0f} MB)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the export child of run_vision_bench: MODEL_DIR OUT_DIR PRECISION...
+    try:
+        print(json.dumps(_export_all(sys.argv[1], sys.argv[2], sys.argv[3:])))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
