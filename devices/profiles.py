@@ -17,6 +17,10 @@ REQUIRED = ("name", "description", "memory_budget_gb", "bandwidth_gbs", "compute
 # Working memory beyond weights and cache: activations of a 4k prefill chunk, ORT arena, CUDA context, allocator
 # slack. A flat allowance keeps the check simple and errs on the side of refusing.
 RUNTIME_OVERHEAD_GB = 0.8
+# A prefill chunk's activations may take half of what the budget leaves beside weights and a full-context cache (the
+# other half: ORT's arena, the CUDA context, allocator slack), at least half the flat allowance, at most 4 GB (past
+# ~4k-token chunks nothing is gained).
+PREFILL_SHARE, PREFILL_MAX_GB = 0.5, 4.0
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,10 @@ def check_fit(device: DeviceProfile, weight_bytes: int, cache_bytes: int, what: 
                         f"{cache_bytes / 1e9:.2f} GB cache at full context, {RUNTIME_OVERHEAD_GB} GB working memory); "
                         f"{device.name} has a budget of {device.memory_budget_gb:.1f} GB")
     return need_gb
+
+
+def prefill_budget(device: DeviceProfile, weight_bytes: int, cache_bytes: int) -> int:
+    """Bytes a prefill chunk's activations may take on `device` beside the weights and a full-context cache
+    (edge_vl2.generate.prefill_chunk_tokens turns it into a chunk length)."""
+    left = device.memory_budget_gb * 1e9 - weight_bytes - cache_bytes
+    return int(min(PREFILL_MAX_GB * 1e9, max(PREFILL_SHARE * RUNTIME_OVERHEAD_GB * 1e9, PREFILL_SHARE * left)))

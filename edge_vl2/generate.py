@@ -7,8 +7,10 @@ from typing import Iterator
 
 import torch
 
+from .decode_graph import DecodeStep
 from .errors import UserError
 from .model.cache import StaticCache
+from .model.config import LanguageConfig
 from .model.decoder import LanguageModel
 
 
@@ -38,8 +40,26 @@ def plan_cache(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
     return min(prompt_len + max_new_tokens, context)
 
 
+PREFILL_CHUNK = 512  # tokens per prefill pass when no memory budget is given
+PREFILL_CHUNK_RANGE = (64, 4096)
+
+
+def prefill_chunk_tokens(cfg: LanguageConfig, budget_bytes: int, keys: int) -> int:
+    """The longest prefill chunk (a multiple of 64 in PREFILL_CHUNK_RANGE) whose activations fit `budget_bytes`
+    when each query attends over up to `keys` positions. Per query token, at the peak of a layer: the attention
+    scores and their fp32 softmax copies (heads x keys x 16 bytes: bf16 scores, three fp32 tensors, bf16 probs), the
+    MoE's routed rows (k x (3 hidden + 3 expert width) fp32), the dense MLP's hidden (3 x width fp32) and a few
+    hidden-state copies (8 x hidden fp32). MLA's expanded K/V is per key, not per query: counted once."""
+    per_query = (16 * cfg.num_attention_heads * keys
+                 + 4 * cfg.num_experts_per_tok * (3 * cfg.hidden_size + 3 * cfg.moe_intermediate_size)
+                 + 12 * cfg.intermediate_size + 32 * cfg.hidden_size)
+    fixed = 2 * 2 * cfg.num_attention_heads * keys * (cfg.qk_nope_head_dim + cfg.v_head_dim) if cfg.use_mla else 0
+    lo, hi = PREFILL_CHUNK_RANGE
+    return max(lo, min(hi, (max(budget_bytes - fixed, 0) // per_query) // 64 * 64))
+
+
 @torch.inference_mode()
-def prefill(lm: LanguageModel, embeds: torch.Tensor, cache: StaticCache, chunk: int = 512) -> torch.Tensor:
+def prefill(lm: LanguageModel, embeds: torch.Tensor, cache: StaticCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the decoder in chunks (bounds attention-score memory); returns last-position logits."""
     hidden = None
     for begin in range(0, embeds.shape[0], chunk):
@@ -76,16 +96,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
 
 
 def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.Tensor, params: SamplingParams,
-                    eos_id: int, prefill_chunk: int = 512) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token id, the logits it came from) until eos (not yielded), max_new_tokens or the context is full."""
+                    eos_id: int, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int | None = None,
+                    cuda_graphs: bool = False, info: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token id, the logits it came from) until eos (not yielded), max_new_tokens or the context is full.
+
+    `prefill_budget`: bytes the prefill's activations may take (a device profile's working memory): the chunk is
+    `prefill_chunk_tokens` for this prompt's cache, else `prefill_chunk`. `cuda_graphs`: decode through a captured
+    `DecodeStep` (eager where it cannot capture). `info`, when given, receives the chunk and the decode mode."""
     capacity = plan_cache(lm, embeds.shape[0], params.max_new_tokens)
     cache = StaticCache(lm.cfg, capacity, embeds.dtype, embeds.device)
+    if prefill_budget is not None:
+        prefill_chunk = prefill_chunk_tokens(lm.cfg, prefill_budget, capacity)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=embeds.device).manual_seed(params.seed)
     history = prompt_ids.to(embeds.device)
     logits = prefill(lm, embeds, cache, prefill_chunk)
-    for step in range(params.max_new_tokens):
+    step = DecodeStep(lm, cache, cuda_graph=True) if cuda_graphs else None
+    if info is not None:
+        info.update(prefill_chunk=prefill_chunk, decode=step.mode if step else "eager")
+    for _ in range(params.max_new_tokens):
         token = sample(logits, params, history, generator)
         if token == eos_id:
             return
@@ -93,4 +123,10 @@ def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.T
         if cache.length >= cache.capacity:
             return
         history = torch.cat([history, history.new_tensor([token])])
-        logits = decode_step(lm, token, cache)
+        # the step's logits are a static buffer the next replay overwrites: consumers get their own copy
+        if step is None:
+            logits = decode_step(lm, token, cache)
+            continue
+        logits = step(token, cache.length).clone()
+        if info is not None:
+            info["capture_s"] = step.capture_s  # 0 until the first step captures

@@ -17,7 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .devices.profiles import DeviceProfile, check_fit, load_device
+from .cuda_memory import cap_cuda_memory
+from .devices.profiles import DeviceProfile, check_fit, load_device, prefill_budget
 from .dtypes import resolve_dtypes
 from .generate import SamplingParams, generate_tokens
 from .inputs.grounding import parse_grounding
@@ -38,34 +39,51 @@ class VL2Pipeline:
     """Processor + model for one checkpoint; every method works on a ProcessorOutput from `prepare`."""
 
     def __init__(self, model: DeepseekVL2, processor: Processor, model_dir: Path,
-                 tile_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 tile_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graphs: bool = False,
+                 prefill_budget: int | None = None):
         """`tile_encoder` maps tiles [N, 3, 384, 384] to projector outputs [N, 196, H]; by default the model's own
-        PyTorch tower (reference mode), for bundles the ONNX Runtime graph."""
+        PyTorch tower (reference mode), for bundles the ONNX Runtime graph. `cuda_graphs`: decode through a
+        captured step (edge_vl2.decode_graph) when the decoder is on CUDA; `prefill_budget`: bytes of activations a
+        prefill chunk may take (else 512-token chunks)."""
         self.model, self.processor, self.model_dir = model, processor, model_dir
         self.tokenizer = processor.tokenizer
         self.tile_encoder = tile_encoder or model.encode_tiles
+        on_cuda = model.image_newline.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs and on_cuda  # elsewhere the dynamic-shape decode is the faster eager path
+        self.prefill_budget = prefill_budget
 
     @classmethod
     def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu",
-                        device_profile: str | DeviceProfile | None = None) -> "VL2Pipeline":
+                        device_profile: str | DeviceProfile | None = None, cuda_graphs: bool = False,
+                        memory_cap_gb: float | None = None) -> "VL2Pipeline":
         """Reference mode: `model` is a local checkpoint folder in the official layout, or a Hub id (downloaded where
-        a network exists). With `device_profile`, a model that cannot fit it is refused from its headers first."""
+        a network exists). With `device_profile`, a model that cannot fit it is refused from its headers first.
+        `memory_cap_gb` caps PyTorch's CUDA memory before anything loads (edge_vl2.cuda_memory)."""
         decoder_dtype, vision_dtype = resolve_dtypes(dtype, device)
+        budget = None
         if device_profile is not None:
-            _check_reference_fit(model, device_profile, decoder_dtype, vision_dtype)
+            budget = _check_reference_fit(model, device_profile, decoder_dtype, vision_dtype)
+        if memory_cap_gb is not None:
+            cap_cuda_memory(memory_cap_gb, device)
         vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
-        return cls(vl2, Processor.from_pretrained(model_dir), model_dir)
+        return cls(vl2, Processor.from_pretrained(model_dir), model_dir, cuda_graphs=cuda_graphs,
+                   prefill_budget=budget)
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str | None = None,
                     device_profile: str | DeviceProfile | None = None, verify: bool = True,
-                    dtype: str = "bf16") -> "VL2Pipeline":
+                    dtype: str = "bf16", cuda_graphs: bool = False,
+                    memory_cap_gb: float | None = None) -> "VL2Pipeline":
         """An exported bundle, validated (sha256 unless `verify=False`), checked against `device_profile`, decoder
-        repacked for `backend`, vision in ONNX Runtime (see edge_vl2.bundle.loader)."""
+        repacked for `backend`, vision in ONNX Runtime (see edge_vl2.bundle.loader). `cuda_graphs`, `memory_cap_gb`:
+        as in `from_pretrained`."""
         from .bundle.loader import load_bundle
 
+        if memory_cap_gb is not None:
+            cap_cuda_memory(memory_cap_gb)
         parts = load_bundle(path, backend=backend, device_profile=device_profile, verify=verify, dtype=dtype)
-        return cls(parts.model, parts.processor, parts.path, tile_encoder=parts.tile_encoder)
+        return cls(parts.model, parts.processor, parts.path, tile_encoder=parts.tile_encoder,
+                   cuda_graphs=cuda_graphs, prefill_budget=parts.prefill_budget)
 
     def prepare(self, prompt: str, images=(), system: str | None = None,
                 history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False) -> ProcessorOutput:
@@ -95,8 +113,10 @@ class VL2Pipeline:
         if timings is not None:
             timings["vision_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        info = timings if timings is not None else {}
         for i, item in enumerate(generate_tokens(self.model.language, embeds, inputs.input_ids, sampling,
-                                                 self.tokenizer.eos_id)):
+                                                 self.tokenizer.eos_id, prefill_budget=self.prefill_budget,
+                                                 cuda_graphs=self.cuda_graphs, info=info)):
             if timings is not None and i == 0:
                 timings["prefill_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -133,9 +153,9 @@ class VL2Pipeline:
 
 
 def _check_reference_fit(model: str | Path, device_profile: str | DeviceProfile, decoder_dtype: torch.dtype,
-                         vision_dtype: torch.dtype) -> None:
+                         vision_dtype: torch.dtype) -> int:
     """Refuse, from the checkpoint's headers alone, a model whose weights in the dtypes it would run in plus a
-    full-context cache exceed the profile's budget."""
+    full-context cache exceed the profile's budget; returns the prefill's activation budget in bytes."""
     from .model.cache import cache_bytes
     from .model.checkpoint import open_checkpoint
 
@@ -145,5 +165,6 @@ def _check_reference_fit(model: str | Path, device_profile: str | DeviceProfile,
         vl2 = DeepseekVL2(cfg)
     weights = sum(p.numel() * (vision_dtype if n.startswith(("vision.", "projector.")) else decoder_dtype).itemsize
                   for n, p in vl2.named_parameters())
-    check_fit(profile, weights, cache_bytes(cfg.language, itemsize=decoder_dtype.itemsize),
-              f"{model} in reference mode ({cfg.variant}, unquantized)")
+    cache = cache_bytes(cfg.language, itemsize=decoder_dtype.itemsize)
+    check_fit(profile, weights, cache, f"{model} in reference mode ({cfg.variant}, unquantized)")
+    return prefill_budget(profile, weights, cache)

@@ -9,11 +9,22 @@ Graph contract (read by `edge_vl2.bundle.vision_ort`): input `pixels` [tiles, 3,
 
 Exporter: `torch.onnx.export(dynamo=True)`: 2.1 GB peak on the full-size tower against 8.5 GB for TorchScript, both
 ~4e-6 from torch. It writes opset 18 and cannot go lower (no 18->17 adapter for Pad): `opset=17` (TensorRT 8.x
-parsers) uses the TorchScript exporter and pays its memory. fp16: ONNX Runtime's float16 pass with LayerNorm and
-Softmax blocked (fp32 between casts, their scale/bias kept fp32); ORT's CPU provider computes fp16 MatMul/Conv in
-fp32, so a CPU validation measures fp16 storage rounding. INT8: `quantize_dynamic`, MatMul weights only, QUInt8 per
-output channel (per tensor: cosine 0.967 on the full-size tower; plain QInt8 saturates on AVX2's u8s8 path; a
-ConvInteger patch embedding costs accuracy and saves nothing). fp16 and int8 derive from the fp32 graph.
+parsers) uses the TorchScript exporter and pays its memory.
+
+Two graph recipes (`RECIPES`). "fused", the default for the CPU graphs (fp32, int8): onnxscript's ONNX Runtime
+fusions rewrite each block's attention into `com.microsoft.MultiHeadAttention`, residual + LayerNorm into
+`SkipLayerNormalization` and the GELUs into `FastGelu` / `BiasGelu` (contrib ops every onnxruntime build has, so the
+device needs no optimizer); INT8 weights QInt8. "plain", the default for fp16 (the GPU graph: TensorRT parses
+standard ops only and fuses attention itself), keeps the exporter's standard ops; its INT8 variant (QUInt8
+weights) is what edge-vl2 0.1 exported, kept so `vision-bench --graphs fused,plain` measures before against after.
+fp16: ONNX Runtime's float16 pass with LayerNorm and Softmax blocked (fp32 between casts, their scale/bias kept
+fp32); ORT's CPU provider computes fp16 MatMul/Conv in fp32, so a CPU validation measures fp16 storage rounding.
+INT8: `quantize_dynamic`, MatMul weights only, per output channel (per tensor: cosine 0.967 on the full-size tower;
+a ConvInteger patch embedding costs accuracy and saves nothing). QInt8 weights run ONNX Runtime's u8s8 kernels
+(AVX-512 VNNI / AMX where the CPU has them, AVX2's `vpmaddubsw` on a kiosk), QUInt8 weights its slower u8u8
+kernels; README "Vision in ONNX Runtime" has the measured speeds and cosines on both ISAs. The projector's first
+matmul stays fp32 in the fused graph (ORT folds its input transpose into a FusedMatMul, which the quantizer does not
+cover; 0.35 % of the tower's FLOPs). fp16 and int8 derive from the fp32 graph.
 """
 
 from __future__ import annotations
@@ -50,6 +61,19 @@ FP32_OPS = ("LayerNormalization", "Softmax")  # kept in fp32 inside the fp16 gra
 # serialised in memory at export (+1x to +2.5x the weights), `.data` is streamed. Test-size graphs stay one file.
 EXTERNAL_DATA_ABOVE = 2**28
 TILE_AXIS = "tiles"
+
+
+@dataclass(frozen=True)
+class GraphRecipe:
+    """How a graph is built beyond its precision: `fused` applies the ONNX Runtime transformer fusions; `int8_weights`
+    is the quantizer's weight type for the int8 graph ("s8": QInt8, "u8": QUInt8)."""
+
+    fused: bool
+    int8_weights: str
+
+
+RECIPES = {"fused": GraphRecipe(fused=True, int8_weights="s8"), "plain": GraphRecipe(fused=False, int8_weights="u8")}
+DEFAULT_RECIPE = {"fp32": "fused", "fp16": "plain", "int8": "fused"}  # CPU graphs fused; fp16 portable to TensorRT
 
 
 @dataclass(frozen=True)
@@ -111,26 +135,27 @@ def load_vision_graph(model_dir: str | Path) -> VisionGraph:
 
 def export_vision(model: DeepseekVL2 | VisionGraph, out_path: str | Path, precision: str, images,
                   processor=None, tol: Tolerance | None = None, opset: int = DEFAULT_OPSET,
-                  external_data: bool | None = None, fp32_graph: str | Path | None = None) -> dict:
+                  external_data: bool | None = None, fp32_graph: str | Path | None = None,
+                  recipe: str | None = None) -> dict:
     """Write the `precision` ("fp32", "fp16" with LayerNorm/softmax in fp32, "int8") vision graph to `out_path`,
     validated against `model` on `images`, and return its manifest entry:
 
-        {"file", "files" (graph first, then its .data if any), "precision", "opset", "ir_version", "exporter",
-         "inputs", "outputs", "dynamic_axes", "bytes", ["quantization"],
+        {"file", "files" (graph first, then its .data if any), "precision", "graph", "opset", "ir_version",
+         "exporter", "inputs", "outputs", "dynamic_axes", "bytes", ["quantization"],
          "validation": {"tiles", "max_abs", "max_rel", "scale", "cosine_min", "cosine_mean", "tolerance", ...}}
 
     `model`: a `DeepseekVL2` or, lighter, `load_vision_graph(checkpoint)`. `images`: paths / PIL images tiled by
     `processor` exactly as at run time, or a tiles tensor [N, 3, S, S]. Above `tol` (default:
     `TOLERANCES[precision]`) a `UserError` is raised and nothing is written. Files are built in a temporary folder
     beside `out_path` and renamed at the end. `fp32_graph`: for fp16 / int8, convert this fp32 graph (written by an
-    earlier call) instead of exporting the model again.
+    earlier call) instead of exporting the model again. `recipe`: "fused" or "plain" (default `DEFAULT_RECIPE`).
     """
-    _check_request(precision, opset)
+    _check_request(precision, opset, recipe)
     tiles = validation_tiles(images, processor)  # bad images fail before minutes of export
     graph = vision_graph(model)
     out = Path(out_path)
     with _staging(out) as stage:
-        write_vision_graph(graph, stage / out.name, precision, opset, external_data, fp32_graph)
+        write_vision_graph(graph, stage / out.name, precision, opset, external_data, fp32_graph, recipe)
         entry = _describe(stage / out.name)
         entry["validation"] = validate_vision(graph, stage / out.name, tiles, tol or TOLERANCES[precision])
         _publish(stage, out, entry["files"])
@@ -139,15 +164,17 @@ def export_vision(model: DeepseekVL2 | VisionGraph, out_path: str | Path, precis
 
 def write_vision_graph(model: DeepseekVL2 | VisionGraph | None, path: str | Path, precision: str,
                        opset: int = DEFAULT_OPSET, external_data: bool | None = None,
-                       fp32_graph: str | Path | None = None) -> None:
+                       fp32_graph: str | Path | None = None, recipe: str | None = None) -> None:
     """Write the graph at `path` with no validation and no staging (`export_vision`'s and the benchmark's step).
-    `fp32_graph`: derive fp16 / int8 from this fp32 graph file (`model` is then unused): no second trace, and the
-    conversion's memory peak (~3x the fp32 weights) need not stack on the PyTorch model's."""
-    _check_request(precision, opset)
+    `fp32_graph`: derive the graph from this fp32 graph file (`model` is then unused): no second trace, and the
+    conversion's memory peak (~3x the fp32 weights) need not stack on the PyTorch model's. A fused fp32 graph serves
+    only fused graphs; a plain one serves both (it is fused on the way, which is all a fused fp32 graph needs)."""
+    _check_request(precision, opset, recipe)
     path = Path(path)
-    if fp32_graph is not None and precision != "fp32":
+    fused = RECIPES[recipe or DEFAULT_RECIPE[precision]].fused
+    if fp32_graph is not None:
         meta, big = _read_meta(Path(fp32_graph), want_precision="fp32")  # missing / corrupt / not fp32: UserError
-        _derive(Path(fp32_graph), path, precision, meta, big, external_data)
+        _derive(Path(fp32_graph), path, precision, meta, big, external_data, recipe)
         return
     graph = vision_graph(model)
     size = graph.cfg.vision.image_size
@@ -164,40 +191,112 @@ def write_vision_graph(model: DeepseekVL2 | VisionGraph | None, path: str | Path
         if opset >= 18:
             program = _dynamo_export(graph, example, opset)
             meta["exporter"] = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
-            for node in program.model.graph.all_nodes():
-                node.metadata_props.clear()  # see _strip_debug_info
-                node.doc_string = None
-            program.model.metadata_props.update({META_PREFIX + k: str(v) for k, v in meta.items()})
-            # Straight from the exporter's in-memory graph: with external data this peaks at +0.1x the weights
-            # (a single file is serialised in memory: +2.5x), measured on 3- and 6-block full-width towers.
-            program.save(str(fp32), external_data=fp32_external)
-            del program
+            model_ir = program.model
         else:
             _torchscript_export(graph, example, work / "raw.onnx", opset)
             meta["exporter"] = f"torch.onnx.export(dynamo=False), torch {torch.__version__}"
-            proto = onnx.load(str(work / "raw.onnx"))
-            _set_metadata(proto, meta)
-            _save(proto, fp32, fp32_external)
-            del proto
+            model_ir = _load_ir(work / "raw.onnx")
+        meta["graph"] = fuse_for_ort(model_ir, graph.cfg.vision.layers) if fused else "plain"
+        _strip_ir_debug_info(model_ir)
+        model_ir.metadata_props.update({META_PREFIX + k: str(v) for k, v in meta.items()})
+        # Straight from the in-memory graph: with external data this peaks at +0.1x the weights (a single file is
+        # serialised in memory: +2.5x), measured on 3- and 6-block full-width towers.
+        _save_ir(model_ir, fp32, fp32_external)
+        del model_ir
+        if opset >= 18:
+            del program
         if precision != "fp32":
-            _derive(fp32, path, precision, meta, fp32_bytes > EXTERNAL_DATA_ABOVE, external_data)
+            _derive(fp32, path, precision, meta, fp32_bytes > EXTERNAL_DATA_ABOVE, external_data, recipe)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _derive(src: Path, dst: Path, precision: str, meta: dict, big: bool, external_data: bool | None) -> None:
-    """fp16 or int8 from the fp32 graph at `src`, whose `edge_vl2.*` metadata is `meta`."""
-    if precision == "int8":
-        _quantize_int8(src, dst, meta, big, external_data)
-        return
-    proto = _to_fp16(src)
-    _set_metadata(proto, {**meta, "precision": "fp16"})
-    _save(proto, dst, external_data)
+def _derive(src: Path, dst: Path, precision: str, meta: dict, big: bool, external_data: bool | None,
+            recipe: str | None) -> None:
+    """fp16, int8 or (fusing a plain graph) fp32 from the fp32 graph at `src`, whose `edge_vl2.*` metadata is
+    `meta`."""
+    want = RECIPES[recipe or DEFAULT_RECIPE[precision]]
+    src_fused = meta.get("graph", "plain") != "plain"
+    if src_fused and not want.fused:
+        raise UserError(f"{src}: a fused fp32 graph cannot give the plain {precision} graph; derive it from a plain "
+                        "fp32 graph (recipe 'plain') or export it from the model")
+    work = Path(tempfile.mkdtemp(prefix=".derive.", dir=dst.parent))
+    try:
+        if want.fused and not src_fused:  # fuse a copy first
+            model_ir = _load_ir(src)
+            meta = {**meta, "graph": fuse_for_ort(model_ir, _vision_layers(model_ir))}
+            model_ir.metadata_props.update({META_PREFIX + "graph": meta["graph"]})
+            _strip_ir_debug_info(model_ir)
+            src = work / "fused.onnx"
+            _save_ir(model_ir, src, True)
+            del model_ir
+        if precision == "int8":
+            _quantize_int8(src, dst, meta, big, external_data, want.int8_weights)
+            return
+        if precision == "fp32":
+            _save_ir(_load_ir(src), dst, big if external_data is None else external_data)
+            return
+        proto = _to_fp16(src)
+        _set_metadata(proto, {**meta, "precision": "fp16"})
+        _save(proto, dst, external_data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_request(precision: str, opset: int) -> None:
+# ---- ONNX Runtime fusions ----------------------------------------------------------------------------------------
+
+def fuse_for_ort(model_ir, layers: int) -> str:
+    """Rewrite the graph (an `onnx_ir.Model`, in place) with onnxscript's ONNX Runtime fusions and return what they
+    did, e.g. "fused: 27 MultiHeadAttention, 54 SkipLayerNormalization, ...". Every block's attention must become
+    one MultiHeadAttention: fewer means the exporter's or onnxscript's patterns changed, a toolchain fault (the
+    graph would still be right, only slower), so it raises rather than shipping a half-fused graph."""
+    from collections import Counter
+
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    with _quiet():
+        optimize_for_ort(model_ir)
+    ops = Counter(node.op_type for node in model_ir.graph.all_nodes())
+    if ops["MultiHeadAttention"] != layers or ops["Softmax"]:
+        raise RuntimeError(f"ONNX Runtime attention fusion matched {ops['MultiHeadAttention']} of {layers} blocks "
+                           f"({ops['Softmax']} Softmax left); check the onnxscript version")
+    fused = [op for op in ("MultiHeadAttention", "SkipLayerNormalization", "FastGelu", "BiasGelu", "Gelu") if ops[op]]
+    return "fused: " + ", ".join(f"{ops[op]} {op}" for op in fused)
+
+
+def _vision_layers(model_ir) -> int:
+    """Blocks in an unfused graph: one Softmax per attention."""
+    return sum(node.op_type == "Softmax" for node in model_ir.graph.all_nodes())
+
+
+def _strip_ir_debug_info(model_ir) -> None:
+    """`_strip_debug_info` for an `onnx_ir.Model`: the exporter's stack traces and the rewriter's rule names."""
+    for node in model_ir.graph.all_nodes():
+        node.metadata_props.clear()
+        node.doc_string = None
+
+
+def _load_ir(path: Path):
+    import onnx_ir
+
+    return onnx_ir.load(str(path))  # external weights stay on disk (memory-mapped) until written
+
+
+def _save_ir(model_ir, path: Path, external_data: bool) -> None:
+    """One file, or the graph plus `<name>.data` (the layout `_save` writes)."""
+    import onnx_ir
+    from onnx_ir.external_data import load_to_model
+
+    if not external_data:
+        load_to_model(model_ir)  # weights still in another graph's .data file come into this one
+    onnx_ir.save(model_ir, str(path), external_data=path.name + ".data" if external_data else None)
+
+
+def _check_request(precision: str, opset: int, recipe: str | None = None) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"unknown vision precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if recipe is not None and recipe not in RECIPES:
+        raise UserError(f"unknown vision graph recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
     if opset < 17:
         raise UserError(f"opset {opset} < 17 has no LayerNormalization; use 17 or later")
 
@@ -309,23 +408,25 @@ def fp32_island_problems(proto: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def _quantize_int8(src: Path, dst: Path, meta: dict, big: bool, external_data: bool | None) -> None:
-    """Dynamic INT8 for CPU devices: MatMul weights QUInt8 per output channel, activations quantised per tensor
-    at run time by ONNX Runtime: a CPU format (GPU devices take the fp16 graph).
-    `meta`: the fp32 graph's `edge_vl2.*` metadata; `big`: its weights pass EXTERNAL_DATA_ABOVE."""
+def _quantize_int8(src: Path, dst: Path, meta: dict, big: bool, external_data: bool | None, weights: str) -> None:
+    """Dynamic INT8 for CPU devices: MatMul weights per output channel, QInt8 (`weights` "s8") or QUInt8 ("u8"),
+    activations quantised to uint8 per tensor at run time by ONNX Runtime: a CPU format (GPU devices take the fp16
+    graph). `meta`: the fp32 graph's `edge_vl2.*` metadata; `big`: its weights pass EXTERNAL_DATA_ABOVE."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
     work = Path(tempfile.mkdtemp(prefix=".int8.", dir=dst.parent))
     try:
         with _quiet():
-            quantize_dynamic(str(src), str(work / "q.onnx"), weight_type=QuantType.QUInt8, per_channel=True,
+            quantize_dynamic(str(src), str(work / "q.onnx"), weight_type=weight_type, per_channel=True,
                              op_types_to_quantize=["MatMul"], use_external_data_format=big,
                              extra_options={"MatMulConstBOnly": True})  # activations @ activations stay fp32
         proto = onnx.load(str(work / "q.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    recipe = (f"dynamic int8 (onnxruntime {onnxruntime.__version__}): MatMul weights QUInt8 per output channel, "
+    kind = "QInt8" if weights == "s8" else "QUInt8"
+    recipe = (f"dynamic int8 (onnxruntime {onnxruntime.__version__}): MatMul weights {kind} per output channel, "
               "activations uint8 per tensor at run time")
     _set_metadata(proto, {**meta, "precision": "int8", "quantization": recipe})
     _save(proto, dst, external_data)
@@ -468,7 +569,7 @@ def _describe(path: Path) -> dict:
                 for v in values}
 
     meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
-    entry = {"file": path.name, "files": files, "precision": meta.get("precision"),
+    entry = {"file": path.name, "files": files, "precision": meta.get("precision"), "graph": meta.get("graph", "plain"),
              "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
              "ir_version": proto.ir_version, "exporter": meta.get("exporter"),
              "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),

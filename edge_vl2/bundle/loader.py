@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..devices.profiles import DeviceProfile, check_fit, load_device
+from ..devices.profiles import DeviceProfile, check_fit, load_device, prefill_budget
 from ..dtypes import TORCH_DTYPES
 from ..errors import UserError
 from ..inputs.processor import Processor
@@ -45,6 +45,7 @@ class LoadedBundle:
     processor: Processor
     path: Path
     tile_encoder: Callable[[torch.Tensor], torch.Tensor]
+    prefill_budget: int | None = None  # bytes of prefill activations the device profile leaves (None: no profile)
 
 
 def choose_backend(requested: str | None, profile: DeviceProfile | None) -> str:
@@ -145,13 +146,17 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     bundle = open_bundle(path, verify=verify)
     m = bundle.manifest
     graph = choose_vision(bundle, profile)
+    budget = None
     if profile is not None:
-        check_fit(profile, bundle.decoder_bytes + bundle.graph_bytes(graph), bundle.cache_bytes(),
+        weights = bundle.decoder_bytes + bundle.graph_bytes(graph)
+        check_fit(profile, weights, bundle.cache_bytes(),
                   f"bundle {bundle.path.name} ({m.variant}, {m.recipe.get('name')})")
+        budget = prefill_budget(profile, weights, bundle.cache_bytes())
     backend = choose_backend(backend, profile)
     device = "cuda" if backend == "cuda" or (backend == "bnb" and torch.cuda.is_available()) else "cpu"
     model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
-    runner = OrtVisionRunner(bundle.path / graph.file, providers=choose_providers(profile))
+    # embeddings stay where the decoder runs: on a GPU provider they are bound to CUDA memory (never the host)
+    runner = OrtVisionRunner(bundle.path / graph.file, providers=choose_providers(profile), output_device=device)
     processor = Processor.from_pretrained(bundle.path)
     capped = profile is not None and processor.max_tiles() > profile.max_tiles
     if capped:
@@ -161,7 +166,7 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
             f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
-    return LoadedBundle(model, processor, bundle.path, runner.encode_tiles)
+    return LoadedBundle(model, processor, bundle.path, runner.encode_tiles, budget)
 
 
 def _layer_counts(model: DeepseekVL2) -> str:

@@ -31,11 +31,26 @@ META_PREFIX = "edge_vl2."
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def _core_count() -> int:
+def _allowed_cpus() -> set[int]:
     try:
-        return len(os.sched_getaffinity(0))  # what this process may use, not what the machine has
+        return set(os.sched_getaffinity(0))  # what this process may use, not what the machine has
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (SMT siblings counted once): ONNX Runtime's int8 and fp32 GEMMs keep
+    a core's vector units busy, so a second thread per core adds contention, not speed. Falls back to the logical
+    count where the topology is not readable."""
+    cpus = _allowed_cpus()
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
@@ -58,21 +73,27 @@ class OrtVisionRunner:
     `providers`: None picks TensorRT, CUDA, CPU in that order among those installed (ONNX Runtime may still drop a
     GPU provider whose libraries or device are missing: `.providers` says what the session really uses). An explicit
     list must be honoured: if its first provider does not start, that is an error, not a silent CPU run.
+    `threads`: intra-op threads (default: one per physical core).
     `batch`: tiles per run, bounding activation memory (and the TensorRT profile's largest batch).
     `trt_cache_dir`: where TensorRT keeps built engines between runs (building one takes minutes on a Jetson).
+    `output_device`: where `encode_tiles` returns the embeddings (the decoder's device). `io_binding`: bind inputs
+    and outputs to torch memory (default: when a GPU provider runs the session and the output is on CUDA, so the
+    embeddings never visit the host; forced on CPU by tests to check the same path).
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 batch: int = 4, trt_cache_dir: str | Path | None = None):
+                 batch: int = 4, trt_cache_dir: str | Path | None = None,
+                 output_device: str | torch.device = "cpu", io_binding: bool | None = None):
         self.path = Path(path)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.batch = batch
+        self.output_device = torch.device(output_device)
         chosen = choose_providers(providers)
         if not self.path.is_file():
             raise UserError(f"{self.path}: vision ONNX file not found")
         opts = ort.SessionOptions()
-        self.threads = threads or _core_count()
+        self.threads = threads or physical_cores()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -88,6 +109,13 @@ class OrtVisionRunner:
         self._check_signature()
         self.metadata = {k[len(META_PREFIX):]: v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
                          if k.startswith(META_PREFIX)}
+        on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        if io_binding is None:  # by default only where it saves a copy: GPU provider, embeddings wanted on the GPU
+            io_binding = on_gpu and self.output_device.type == "cuda"
+        if io_binding and self.output_device.type == "cuda" and not on_gpu:
+            raise UserError(f"{self.path}: embeddings on {self.output_device} need a GPU provider; the session runs "
+                            f"on {self.providers}")
+        self.io_binding = io_binding
 
     def _provider_options(self, provider: str, trt_cache_dir) -> dict:
         if provider != "TensorrtExecutionProvider":
@@ -119,24 +147,45 @@ class OrtVisionRunner:
         """fp32 / fp16 / int8 as recorded at export (None for a graph written by something else)."""
         return self.metadata.get("precision")
 
-    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised tiles [N, 3, S, S] -> embeddings [N, tokens, hidden] float32 on the CPU, `batch` tiles a run."""
+    def encode_tiles(self, pixel_values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised tiles [N, 3, S, S] -> embeddings [N, tokens, hidden] float32 on `output_device`, `batch` tiles
+        a run. With IO binding ONNX Runtime writes straight into the returned tensor (on a GPU provider: device
+        memory, never the host); `out` (that shape, float32, on `output_device`) is written instead of a new one."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != self.tile_shape:
             raise UserError(f"{self.path}: the graph takes tiles [N, {', '.join(map(str, self.tile_shape))}], got "
                             f"{list(pixel_values.shape)}; the bundle's vision graph and processor disagree")
-        pixels = pixel_values.detach().to(device="cpu", dtype=torch.float32)
-        out = np.empty((pixels.shape[0], self.tokens, self.hidden), dtype=np.float32)  # [N, 196, H]
-        for start in range(0, pixels.shape[0], self.batch):
-            chunk = np.ascontiguousarray(pixels[start:start + self.batch].numpy())
-            out[start:start + len(chunk)] = self.session.run([OUTPUT], {INPUT: chunk})[0]
-        return torch.from_numpy(out)
+        shape = (pixel_values.shape[0], self.tokens, self.hidden)  # [N, 196, H]
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32, device=self.output_device)
+        elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != self.output_device \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 {list(shape)} tensor on {self.output_device}")
+        for start in range(0, shape[0], self.batch):
+            chunk, dst = pixel_values[start:start + self.batch], out[start:start + self.batch]
+            if self.io_binding:
+                self._run_bound(chunk, dst)
+            else:
+                pixels = np.ascontiguousarray(chunk.detach().to(device="cpu", dtype=torch.float32).numpy())
+                dst.copy_(torch.from_numpy(self.session.run([OUTPUT], {INPUT: pixels})[0]))
+        return out
+
+    def _run_bound(self, pixels: torch.Tensor, dst: torch.Tensor) -> None:
+        """One run with input and output bound to torch memory on `dst`'s device (no staging copies)."""
+        x = pixels.detach().to(device=dst.device, dtype=torch.float32).contiguous()
+        kind, index = dst.device.type, dst.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT, kind, index, np.float32, list(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT, kind, index, np.float32, list(dst.shape), dst.data_ptr())
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
 
     __call__ = encode_tiles  # the pipeline's `tile_encoder` signature: tiles [N, 3, S, S] -> [N, tokens, hidden]
 
     def describe(self) -> str:
         """One line naming what runs the vision graph, for logs and `--stats` output."""
+        bound = f", IO-bound to {self.output_device}" if self.io_binding else ""
         return (f"vision: {self.path.name} ({self.precision or 'unknown'} graph) on ONNX Runtime {ort.__version__}, "
-                f"providers {', '.join(self.providers)}, {self.threads} threads")
+                f"providers {', '.join(self.providers)}, {self.threads} threads{bound}")
 
     def __repr__(self) -> str:
         return f"OrtVisionRunner({str(self.path)!r}, providers={self.providers}, precision={self.precision})"

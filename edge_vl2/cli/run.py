@@ -30,16 +30,23 @@ from .common import one_line_errors
               help="Bundle: skip the sha256 pass over its files (startup time); sizes, tensor shapes and the "
                    "manifest are still checked.")
 @click.option("--torch-device", default="cpu", show_default=True, help="Reference mode (--model): torch device.")
+@click.option("--cuda-graphs", type=click.Choice(["on", "off"]), default="off", show_default=True,
+              help="Decode through a step captured in a CUDA graph (decoder on CUDA, quantized experts; else it "
+                   "decodes eagerly and --stats says why).")
+@click.option("--memory-cap-gb", type=float, default=None,
+              help="Cap PyTorch's CUDA memory at this many GB (10^9 bytes) before loading: a bigger GPU then proves "
+                   "the fit of a smaller one (an out-of-memory error past it).")
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")
 @click.argument("prompt")
 @one_line_errors
 def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype,
-        device_profile, backend, skip_verify, torch_device, stats, prompt):
+        device_profile, backend, skip_verify, torch_device, cuda_graphs, memory_cap_gb, stats, prompt):
     """Answer PROMPT about the images, streaming the text; grounding boxes are also printed in pixels.
 
     Give either --model (reference mode: the checkpoint in bf16/fp32) or --bundle (an exported, quantized bundle).
     Images without an <image> tag in PROMPT get one on a line of its own at the start (official demo convention).
     """
+    from ..cuda_memory import cuda_memory_figures
     from ..generate import SamplingParams
     from ..inputs.grounding import format_boxes
     from ..inputs.images import load_image
@@ -54,11 +61,14 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
     if bundle is not None and dtype == "fp16":
         raise UserError("bundles run in bf16 (--dtype auto) or fp32")
     pil_images = [load_image(p) for p in images]  # bad images fail before the model loads
+    graphs = cuda_graphs == "on"
     if bundle is not None:
         vl2 = VL2Pipeline.from_bundle(bundle, backend=backend, device_profile=device_profile,
-                                      verify=not skip_verify, dtype="fp32" if dtype == "fp32" else "bf16")
+                                      verify=not skip_verify, dtype="fp32" if dtype == "fp32" else "bf16",
+                                      cuda_graphs=graphs, memory_cap_gb=memory_cap_gb)
     else:
-        vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device, device_profile=device_profile)
+        vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device, device_profile=device_profile,
+                                          cuda_graphs=graphs, memory_cap_gb=memory_cap_gb)
     inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
     timings: dict = {}
     text = []
@@ -74,4 +84,16 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
         rate = (n - 1) / timings["decode_s"] if n > 1 and timings.get("decode_s") else float("nan")
         click.echo(f"prompt {inputs.seq_len} tokens ({sum(inputs.num_image_tokens)} image), vision "
                    f"{timings.get('vision_s', 0):.2f} s ({inputs.pixel_values.shape[0]} tiles), "
-                   f"prefill {timings.get('prefill_s', 0):.2f} s, {n} new tokens, decode {rate:.2f} tok/s", err=True)
+                   f"prefill {timings.get('prefill_s', 0):.2f} s (chunks of {timings.get('prefill_chunk')}), "
+                   f"{n} new tokens, decode {rate:.2f} tok/s ({_decode_mode(graphs, vl2, timings)})", err=True)
+        memory = cuda_memory_figures()
+        if memory:
+            click.echo(f"CUDA memory: PyTorch peak {memory['torch_peak_gb']:.2f} GB (reserved "
+                       f"{memory['torch_reserved_peak_gb']:.2f}), device in use {memory['device_used_gb']:.2f} of "
+                       f"{memory['device_total_gb']:.2f} GB", err=True)
+
+
+def _decode_mode(requested: bool, vl2, timings: dict) -> str:
+    if requested and not vl2.cuda_graphs:
+        return "eager: CUDA graphs need the decoder on CUDA"
+    return timings.get("decode", "eager")

@@ -52,19 +52,31 @@ def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
               help="Checkpoint folder in the official layout; only the vision tower and projector are read.")
 @click.option("--image", default=None, help="A photo whose processor tiles are timed (default: a generated card).")
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="ONNX graphs to export and time.")
+@click.option("--recipes", default=None,
+              help="Graph recipes to time for every precision: fused (what export writes for CPUs), plain (what "
+                   "edge-vl2 0.1 wrote). `plain,fused` is a before/after in one run [default: each precision's "
+                   "export default: fp32/int8 fused, fp16 plain].")
+@click.option("--cpu-isa", "isa", type=click.Choice(["native", "avx2"]), default="native", show_default=True,
+              help="avx2: run as on an AVX2-only kiosk CPU (CPUID capped in a child process; Linux x86-64 with "
+                   "cpuid_fault and a C compiler).")
 @click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs over all tiles (median).")
 @click.option("--tiles", "max_tiles", default=None, type=int, help="Time only the first N tiles (global view first).")
-@click.option("--threads", default=None, type=int, help="For PyTorch and ONNX Runtime alike [default: all cores].")
+@click.option("--threads", default=None, type=int,
+              help="For PyTorch and ONNX Runtime alike [default: one per physical core].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of a table.")
 @one_line_errors
-def vision_bench(model, image, precisions, repeats, max_tiles, threads, as_json):
+def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, threads, as_json):
     """Vision per tile in one run: PyTorch fp32 vs ONNX Runtime graphs (max |ORT - torch|, cosine, ms/tile)."""
     import json
 
     from ..tools.vision_bench import format_table, run_vision_bench  # stdlib only: it sets GOMP_SPINCOUNT first
 
-    result = run_vision_bench(model, image, tuple(p.strip() for p in precisions.split(",") if p.strip()), repeats,
-                              max_tiles, threads, progress=lambda msg: click.echo(msg, err=True))
+    def split(text):
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+
+    result = run_vision_bench(model, image, split(precisions), repeats, max_tiles, threads,
+                              progress=lambda msg: click.echo(msg, err=True),
+                              recipes=None if recipes is None else split(recipes), isa=isa)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 

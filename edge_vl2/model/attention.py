@@ -2,6 +2,11 @@
 
 Both take x [S, H] for positions start..start+S-1 of a batch-1 sequence, write their cache slots, and attend causally
 over everything written so far. Scores are computed and softmaxed in fp32, as in the official code.
+
+`start` is a Python int (shapes follow the sequence: prefill, eager decode) or a one-element int64 tensor on the
+model's device (the static step a CUDA graph captures: slots written with index_copy_, attention over the cache's
+whole capacity with the positions after `start` masked, so every step has the same shapes and reads no value back
+to the host).
 """
 
 from __future__ import annotations
@@ -16,12 +21,37 @@ from .config import LanguageConfig
 from .layers import Linear, RMSNorm, matmul, rope_angles, rope_interleaved, rope_rotate_half
 
 
-def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
+Start = int | torch.Tensor  # see the module docstring
+
+
+def positions(start: Start, s: int, device) -> torch.Tensor:
+    """Positions start..start+s-1 as an int64 tensor on `device` (from an int or a [1] device tensor, no sync)."""
+    return start + torch.arange(s, device=device)
+
+
+def causal_softmax(scores: torch.Tensor, start: Start) -> torch.Tensor:
     """scores [..., S, T] (query i sits at position start+i, keys at 0..T-1) -> fp32 probabilities."""
     s, t = scores.shape[-2:]
-    q_pos = torch.arange(start, start + s, device=scores.device)[:, None]
+    q_pos = positions(start, s, scores.device)[:, None]
     masked = torch.arange(t, device=scores.device)[None, :] > q_pos
     return scores.float().masked_fill(masked, float("-inf")).softmax(dim=-1)
+
+
+def write_cache(cache: LayerCache, values: dict[str, torch.Tensor], start: Start, dim: int) -> list[torch.Tensor]:
+    """Write `values` (name -> new entries, positions along `dim`) into the cache at start.. and return the cache
+    tensors to attend over: those written so far (int start) or the whole capacity (tensor start, masked later)."""
+    s = next(iter(values.values())).shape[dim]
+    if isinstance(start, torch.Tensor):
+        index = positions(start, s, start.device)
+        for name, v in values.items():
+            cache.tensors[name].index_copy_(dim, index, v)
+        return [cache.tensors[name] for name in values]
+    out = []
+    for name, v in values.items():
+        t = cache.tensors[name]
+        t.narrow(dim, start, s).copy_(v)
+        out.append(t.narrow(dim, 0, start + s))
+    return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,17 +67,15 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: Start, cache: LayerCache | None = None) -> torch.Tensor:
         s = x.shape[0]
         q = self.q_proj(x).view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
         k = self.k_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        cos, sin = rope_angles(self.head_dim, self.theta, torch.arange(start, start + s, device=x.device))
+        cos, sin = rope_angles(self.head_dim, self.theta, positions(start, s, x.device))
         q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
         if cache is not None:
-            cache.tensors["k"][:, start:start + s] = k
-            cache.tensors["v"][:, start:start + s] = v
-            k, v = cache.tensors["k"][:, :start + s], cache.tensors["v"][:, :start + s]  # [n_kv, T, d]
+            k, v = write_cache(cache, {"k": k, "v": v}, start, dim=1)  # [n_kv, T, d]
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=0)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=0)
@@ -81,19 +109,17 @@ class MLAttention(nn.Module):
         self.w_uv = nn.Parameter(torch.empty(n, self.d_v, self.rank))  # rows 128..255
         self.o_proj = Linear(n * self.d_v, h, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None,
+    def forward(self, x: torch.Tensor, start: Start, cache: LayerCache | None = None,
                 absorb: bool | None = None) -> torch.Tensor:
         s = x.shape[0]
         q = self.q_proj(x).view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
         q_nope, q_pe = q[..., :self.d_nope], q[..., self.d_nope:]
         kv = self.kv_a_proj_with_mqa(x)  # [S, c + r]
         latent = self.kv_a_layernorm(kv[:, :self.rank])
-        cos, sin = rope_angles(self.d_rope, self.theta, torch.arange(start, start + s, device=x.device))
+        cos, sin = rope_angles(self.d_rope, self.theta, positions(start, s, x.device))
         q_pe, k_pe = rope_interleaved(q_pe, cos, sin), rope_interleaved(kv[:, self.rank:], cos, sin)
         if cache is not None:
-            cache.tensors["latent"][start:start + s] = latent
-            cache.tensors["k_pe"][start:start + s] = k_pe
-            latent, k_pe = cache.tensors["latent"][:start + s], cache.tensors["k_pe"][:start + s]  # [T, c], [T, r]
+            latent, k_pe = write_cache(cache, {"latent": latent, "k_pe": k_pe}, start, dim=0)  # [T, c], [T, r]
         if absorb is None:
             absorb = s < self.EXPAND_MIN_QUERIES
         pe_scores = matmul(q_pe, k_pe.T)  # [n, S, T]: the shared rope key serves every head

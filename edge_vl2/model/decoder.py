@@ -25,7 +25,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -58,6 +58,15 @@ class LanguageModel(nn.Module):
             x = layer(x, start, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.length = start + embeds.shape[0]
+        return self.model.norm(x)
+
+    def step(self, embeds: torch.Tensor, pos: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """The static-shape form of `forward` for S tokens at device positions pos.. (pos: [1] int64 on the model's
+        device): the same shapes and no host sync at every position, so a CUDA graph can capture it. The caller
+        tracks `cache.length` (this never reads `pos` back)."""
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, pos, cache.layers[i])
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

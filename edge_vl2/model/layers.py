@@ -64,8 +64,9 @@ class SwiGLU(nn.Module):
 
 def rope_angles(dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, dim/2] in fp32 for rotation pair j at angle pos * theta^(-2j/dim)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    # built on the positions' device: a host-to-device copy here could not be captured in a CUDA graph
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     return freqs.cos(), freqs.sin()
 
 

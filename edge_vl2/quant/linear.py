@@ -67,7 +67,9 @@ BACKEND_OPTIONS = {"reference": {"cache"}, "cpu": {"prefill_dequant"}, "cuda": {
 def make_op(w: QuantizedWeight, backend: str, **options) -> WeightOp:
     """The WeightOp for a backend and a weight's format (the one place the per-format kernel is chosen).
 
-    options: reference `cache` (bool), cpu `prefill_dequant` (bool), cuda `kernel` ("auto" | "triton" | "torch").
+    options: reference `cache` (bool), cpu `prefill_dequant` (bool), cuda `kernel` ("auto" | "triton" | "torch";
+    auto: tinygemm for INT4 weights on sm80+, Triton for everything else and for routed-expert stacks, whose decode
+    rows pick their expert inside one kernel instead of one tinygemm call per chosen expert from the host).
     """
     _check_weight(w)
     if backend not in BACKEND_OPTIONS:
@@ -92,7 +94,8 @@ def make_op(w: QuantizedWeight, backend: str, **options) -> WeightOp:
             raise ValueError("the cuda backend needs the weight on a CUDA device (or TRITON_INTERPRET=1 for tests)")
         tiny = on_cuda and w.bits == 4 and hasattr(torch, "_weight_int4pack_mm") \
             and torch.cuda.get_device_capability(w.qweight.device) >= (8, 0)
-        if kernel == "torch" or (kernel == "auto" and tiny):
+        stacked = len(w.shape) == 3  # routed experts: Triton picks each row's expert in-kernel (CUDA-graph safe)
+        if kernel == "torch" or (kernel == "auto" and tiny and not stacked):
             if not tiny:
                 raise ValueError("kernel='torch' needs an INT4 weight on an sm80+ CUDA device")
             return CudaInt4Op(w)

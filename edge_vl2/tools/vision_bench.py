@@ -1,11 +1,15 @@
 """`edge-vl2 vision-bench`: the vision tower + projector per tile, PyTorch fp32 against ONNX Runtime at each
-precision, in one run, on the processor's tiles of one image.
+precision and graph recipe, in one run, on the processor's tiles of one image.
 
 Steps: read only the tower + projector (fp32) from the checkpoint, time PyTorch and free it, export every graph to
 a temporary folder in child processes (unvalidated: a benchmark reports the differences rather than refusing them),
-then per precision open a session, warm it up, time it and compare it with the PyTorch outputs. Both sides use the same
-threads and tiles per run. Timing hygiene (edge_vl2.tools.timing): GOMP_SPINCOUNT is set before torch is first imported (small
-torch ops otherwise stall a flat 8 ms); the host is noisy, so compare within one run: medians and ratios.
+then per graph open a session, warm it up, time it and compare it with the PyTorch outputs. Both sides use the same
+threads (one per physical core) and tiles per run. Recipes (edge_vl2.export.vision_onnx.RECIPES): "fused" is what
+export writes for the CPU graphs, "plain" what edge-vl2 0.1 wrote, so `--recipes plain,fused` is a before/after in
+one run. `cpu_isa="avx2"` reruns the whole benchmark in a child process that sees an AVX2-only CPU
+(edge_vl2.tools.cpu_isa); every result says which ISA it ran on. Timing hygiene (edge_vl2.tools.timing):
+GOMP_SPINCOUNT is set before torch is first imported (small torch ops otherwise stall a flat 8 ms); the host is
+noisy, so compare within one run: medians and ratios.
 
 Only the standard library is imported at module level, so `run_vision_bench` can set the environment first.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from edge_vl2.errors import UserError
 from edge_vl2.procinfo import peak_rss_bytes
+from edge_vl2.tools import cpu_isa
 from edge_vl2.tools.timing import set_timing_env
 
 
@@ -67,32 +72,42 @@ def _time_per_tile(fn, tiles, repeats: int, batch: int):
 def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
                      precisions: tuple[str, ...] = ("fp32", "fp16", "int8"), repeats: int = 3,
                      max_tiles: int | None = None, threads: int | None = None, batch: int = 4,
-                     progress=None) -> dict:
-    """Time and compare; returns {"setup": {...}, "records": [torch record, one per precision]}.
+                     progress=None, recipes: tuple[str, ...] | None = None, isa: str = "native") -> dict:
+    """Time and compare; returns {"setup": {...}, "records": [torch record, one per graph]}.
 
-    Each record: backend, precision, ms_per_tile (median), runs_ms, ratio (PyTorch ms / this ms: above 1 is
-    faster than PyTorch), peak_rss_mb of this process so far, and for ONNX Runtime max_abs, max_rel, cosine_min,
+    Each record: backend, precision, recipe, ms_per_tile (median), runs_ms, ratio (PyTorch ms / this ms: above 1
+    is faster than PyTorch), peak_rss_mb of this process so far, and for ONNX Runtime max_abs, max_rel, cosine_min,
     cosine_mean against PyTorch fp32, tolerance_ok (the export tolerance), providers, graph_mb and export_s.
+    `recipes`: None times each precision's export default; else every precision in each recipe listed.
+    `isa`: "native" or "avx2" (run in a child process that sees an AVX2-only CPU; setup["isa"] says what ran).
     """
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:  # the export toolchain is not part of a device install
         raise UserError(f"vision-bench needs the export toolchain: pip install {' '.join(missing)}")
+    if isa != os.environ.get(cpu_isa.MARKER, "native"):
+        return _run_capped(isa, progress, model_dir=str(model_dir), image=None if image is None else str(image),
+                           precisions=list(precisions), repeats=repeats, max_tiles=max_tiles, threads=threads,
+                           batch=batch, recipes=None if recipes is None else list(recipes))
     env = set_timing_env()
     import onnxruntime
     import torch
 
-    from edge_vl2.bundle.vision_ort import OrtVisionRunner
-    from edge_vl2.export.vision_onnx import PRECISIONS, TOLERANCES, compare, load_vision_graph, tolerance_failures
+    from edge_vl2.bundle.vision_ort import OrtVisionRunner, physical_cores
+    from edge_vl2.export.vision_onnx import DEFAULT_RECIPE, PRECISIONS, RECIPES, TOLERANCES, compare, \
+        load_vision_graph, tolerance_failures
     from edge_vl2.inputs.images import load_image
     from edge_vl2.inputs.processor import Processor
 
     say = progress or (lambda msg: None)
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown or not precisions:
-        raise UserError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    unknown = [p for p in precisions if p not in PRECISIONS] + [r for r in recipes or () if r not in RECIPES]
+    if unknown or not precisions or (recipes is not None and not recipes):
+        raise UserError(f"unknown precision(s) / recipe(s) {unknown}; choose from {', '.join(PRECISIONS)} and "
+                        f"{', '.join(RECIPES)}")
     if repeats < 1 or batch < 1 or (max_tiles is not None and max_tiles < 1):
         raise UserError("--repeats, --tiles and the batch must be at least 1")
-    threads = threads or len(os.sched_getaffinity(0))
+    graphs = [(p, r) for r in (recipes or [None]) for p in precisions]
+    graphs = [(p, r or DEFAULT_RECIPE[p]) for p, r in graphs]
+    threads = threads or physical_cores()
     torch.set_num_threads(threads)
 
     processor = Processor.from_pretrained(model_dir)
@@ -108,95 +123,127 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
 
     say(f"PyTorch fp32, {repeats} runs")
     torch_ms, torch_runs, reference = _time_per_tile(torch_encode, tiles, repeats, batch)  # [N, 196, H]
-    records = [{"backend": "torch", "precision": "fp32", "ms_per_tile": round(torch_ms, 2), "runs_ms": torch_runs,
-                "ratio": 1.0, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}]
+    records = [{"backend": "torch", "precision": "fp32", "recipe": "", "ms_per_tile": round(torch_ms, 2),
+                "runs_ms": torch_runs, "ratio": 1.0, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}]
     del graph, torch_encode  # from here on only the ONNX Runtime sessions hold weights
     gc.collect()
 
     with tempfile.TemporaryDirectory(prefix="vision-bench.") as tmp:
-        say(f"exporting {', '.join(precisions)} in child processes")
-        exported = _export_in_child(model_dir, tmp, precisions)
-        for precision in precisions:
-            runner = OrtVisionRunner(Path(tmp) / f"vision-{precision}.onnx", threads=threads, batch=batch)
-            say(f"ONNX Runtime {precision} on {', '.join(runner.providers)}, {repeats} runs")
+        say(f"exporting {', '.join(f'{p} {r}' for p, r in graphs)} in child processes")
+        exported = _export_in_child(model_dir, tmp, graphs)
+        for precision, recipe in graphs:
+            runner = OrtVisionRunner(Path(tmp) / _graph_name(precision, recipe), threads=threads, batch=batch)
+            say(f"ONNX Runtime {precision} {recipe} on {', '.join(runner.providers)}, {repeats} runs")
             ms, runs, got = _time_per_tile(runner.encode_tiles, tiles, repeats, batch)
             figures = compare(got, reference)
-            records.append({"backend": "onnxruntime", "precision": precision, "ms_per_tile": round(ms, 2),
-                            "runs_ms": runs, "ratio": round(torch_ms / ms, 2),
+            records.append({"backend": "onnxruntime", "precision": precision, "recipe": recipe,
+                            "ms_per_tile": round(ms, 2), "runs_ms": runs, "ratio": round(torch_ms / ms, 2),
                             **{k: figures[k] for k in ("max_abs", "max_rel", "cosine_min", "cosine_mean")},
                             "tolerance_ok": not tolerance_failures(figures, TOLERANCES[precision]),
-                            "providers": runner.providers, **exported["graphs"][precision],
+                            "providers": runner.providers, **exported["graphs"][f"{precision} {recipe}"],
                             "peak_rss_mb": round(peak_rss_bytes() / 2**20)})
             del runner
             gc.collect()
 
     setup = {"model": str(model_dir), "image": str(image) if image else "generated test card",
              "tiles": len(tiles), "batch": batch, "threads": threads, "repeats": repeats,
-             "vision_params": params, "cpu": _cpu_name(), "timing_env": env,
+             "vision_params": params, "cpu": _cpu_name(), "isa": cpu_isa.isa_report(), "timing_env": env,
              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
              "export_peak_rss_mb": exported["peak_rss_mb"], "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
     return {"setup": setup, "records": records}
 
 
-def _export_in_child(model_dir: str | Path, out_dir: str, precisions) -> dict:
+def _run_capped(isa: str, progress, **kwargs) -> dict:
+    """The benchmark in a child process whose CPUID reports `isa` (its progress lines pass through stderr)."""
+    env = cpu_isa.capped_env(isa)  # UserError where this machine cannot do it
+    args = [sys.executable, "-m", "edge_vl2.tools.vision_bench", "--run", json.dumps(kwargs)]
+    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=None if progress else subprocess.DEVNULL, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        raise UserError(f"vision-bench on {isa} failed (exit {proc.returncode}; its error is above)")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if isa != "native" and not result["setup"]["isa"]["cpuid_capped"]:
+        raise UserError(f"vision-bench on {isa}: the CPUID cap did not take effect; figures not reported")
+    return result
+
+
+def _graph_name(precision: str, recipe: str) -> str:
+    return f"vision-{precision}-{recipe}.onnx"
+
+
+def _export_in_child(model_dir: str | Path, out_dir: str, graphs: list[tuple[str, str]]) -> dict:
     """Export in child processes, so the export's peaks are returned to the system before the sessions are timed
-    instead of stacking on them: one traces the fp32 graph (the exporter keeps the PyTorch weights alive until its
-    process ends), a second converts it to fp16 / int8 (~3x the fp32 weights at peak) without them."""
-    steps = [["fp32"]] + ([[p for p in precisions if p != "fp32"]] if set(precisions) - {"fp32"} else [])
-    graphs, peak = {}, 0
+    instead of stacking on them: one traces the plain fp32 graph (the exporter keeps the PyTorch weights alive until
+    its process ends) and fuses it, a second converts it to the others (~3x the fp32 weights at peak) without
+    them. `graphs`: (precision, recipe) pairs."""
+    fp32 = [("fp32", "plain")] + ([("fp32", "fused")] if any(r == "fused" for _, r in graphs) else [])
+    steps = [fp32] + ([[g for g in graphs if g[0] != "fp32"]] if any(p != "fp32" for p, _ in graphs) else [])
+    done, peak = {}, 0
     for step in steps:
-        args = [sys.executable, "-m", "edge_vl2.tools.vision_bench", str(model_dir), out_dir, *step]
+        args = [sys.executable, "-m", "edge_vl2.tools.vision_bench", str(model_dir), out_dir,
+                *(f"{p}:{r}" for p, r in step)]
         proc = subprocess.run(args, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise UserError(f"exporting the vision graphs failed: {tail}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        graphs.update(result["graphs"])
+        done.update(result["graphs"])
         peak = max(peak, result["peak_rss_mb"])
-    return {"graphs": graphs, "peak_rss_mb": peak}
+    return {"graphs": done, "peak_rss_mb": peak}
 
 
-def _export_all(model_dir: str, out_dir: str, precisions: list[str]) -> dict:
-    """A child's work: each graph as `vision-<precision>.onnx` in `out_dir` (unvalidated), its size and time;
-    fp16 and int8 are converted from the fp32 graph already there."""
+def _export_all(model_dir: str, out_dir: str, graphs: list[tuple[str, str]]) -> dict:
+    """A child's work: each graph as `vision-<precision>-<recipe>.onnx` in `out_dir` (unvalidated), its size and
+    time; the plain fp32 graph is traced, every other one derived from the fp32 graph of its recipe already there."""
     from edge_vl2.export.vision_onnx import load_vision_graph, write_vision_graph
 
-    out, graphs = Path(out_dir), {}
-    for precision in precisions:
+    out, done = Path(out_dir), {}
+    for precision, recipe in graphs:
         t0 = time.perf_counter()
-        path = out / f"vision-{precision}.onnx"
-        if precision == "fp32":
-            write_vision_graph(load_vision_graph(model_dir), path, "fp32")
+        path = out / _graph_name(precision, recipe)
+        if (precision, recipe) == ("fp32", "plain"):
+            write_vision_graph(load_vision_graph(model_dir), path, "fp32", recipe="plain")
         else:
-            write_vision_graph(None, path, precision, fp32_graph=out / "vision-fp32.onnx")
+            base = out / _graph_name("fp32", "fused" if recipe == "fused" and precision != "fp32" else "plain")
+            write_vision_graph(None, path, precision, fp32_graph=base, recipe=recipe)
         size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(path.name))
-        graphs[precision] = {"export_s": round(time.perf_counter() - t0, 1), "graph_mb": round(size / 2**20, 1)}
-    return {"graphs": graphs, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+        done[f"{precision} {recipe}"] = {"export_s": round(time.perf_counter() - t0, 1),
+                                         "graph_mb": round(size / 2**20, 1)}
+    return {"graphs": done, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
 
 
 def format_table(result: dict) -> str:
-    """The human-readable report: one line per backend, ratios against PyTorch fp32."""
+    """The human-readable report: one line per graph, ratios against PyTorch fp32."""
     s = result["setup"]
     lines = [f"vision-bench: {s['model']} ({s['vision_params'] / 1e6:.1f}M vision params), {s['image']}: "
              f"{s['tiles']} tiles, {s['batch']} per run, {s['threads']} threads, median of {s['repeats']}",
-             f"  {s['cpu']}; torch {s['torch']}, onnxruntime {s['onnxruntime']}; {s['timing_env']}",
-             f"  {'backend':<19}{'ms/tile':>10}{'vs torch':>10}{'max|ORT-torch|':>16}{'max_rel':>10}"
+             f"  {s['cpu']}; {cpu_isa.describe(s['isa'])}",
+             f"  torch {s['torch']}, onnxruntime {s['onnxruntime']}; {s['timing_env']}",
+             f"  {'backend':<25}{'ms/tile':>10}{'vs torch':>10}{'max|ORT-torch|':>16}{'max_rel':>10}"
              f"{'1-cos(worst)':>14}{'tol':>5}  providers"]
     for r in result["records"]:
-        name = f"{r['backend']} {r['precision']}"
+        name = f"{r['backend']} {r['precision']} {r.get('recipe', '')}".strip()
         if r["backend"] == "torch":
-            lines.append(f"  {name:<19}{r['ms_per_tile']:>10.1f}{'1.00x':>10}")
+            lines.append(f"  {name:<25}{r['ms_per_tile']:>10.1f}{'1.00x':>10}")
             continue
-        lines.append(f"  {name:<19}{r['ms_per_tile']:>10.1f}{r['ratio']:>9.2f}x{r['max_abs']:>16.3g}"
+        lines.append(f"  {name:<25}{r['ms_per_tile']:>10.1f}{r['ratio']:>9.2f}x{r['max_abs']:>16.3g}"
                      f"{r['max_rel']:>10.2g}{1 - r['cosine_min']:>14.2g}{'ok' if r['tolerance_ok'] else 'OVER':>5}  "
                      f"{','.join(p.replace('ExecutionProvider', '') for p in r['providers'])}")
     lines.append(f"  peak RSS {s['peak_rss_mb']:.0f} MB (during export {s['export_peak_rss_mb']:.0f} MB)")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the export child of run_vision_bench: MODEL_DIR OUT_DIR PRECISION...
+if __name__ == "__main__":  # children: `--run KWARGS_JSON` (a capped benchmark) or MODEL_DIR OUT_DIR PREC:RECIPE...
     try:
-        print(json.dumps(_export_all(sys.argv[1], sys.argv[2], sys.argv[3:])))
+        if sys.argv[1] == "--run":
+            kwargs = json.loads(sys.argv[2])
+            kwargs.update(precisions=tuple(kwargs["precisions"]),
+                          recipes=None if kwargs["recipes"] is None else tuple(kwargs["recipes"]))
+            report = run_vision_bench(**kwargs, isa=os.environ.get(cpu_isa.MARKER, "native"),
+                                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            print(json.dumps(report))
+        else:
+            print(json.dumps(_export_all(sys.argv[1], sys.argv[2], [tuple(g.split(":")) for g in sys.argv[3:]])))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -36,6 +36,8 @@ class WeightOp(nn.Module):
 
     kernel = ""
     prefill_only: tuple[str, ...] = ()  # buffers only the many-row (prefill) path reads, e.g. fp32 scales
+    # True when `rows` keeps the expert choice on the device (no .tolist(), one launch): a CUDA graph can capture it
+    sync_free_rows = False
 
     def __init__(self, shape: tuple[int, ...], label: str):
         super().__init__()

@@ -41,6 +41,8 @@ class CudaInt4Op(WeightOp):
 class TritonOp(WeightOp):
     """The Triton kernels of edge_vl2.quant.kernels on the canonical tensors as stored (no repacking)."""
 
+    sync_free_rows = True  # qmm_rows reads each row's expert id inside the kernel
+
     def __init__(self, w: QuantizedWeight):
         super().__init__(w.shape, format_name(w))
         from ..kernels import triton_status

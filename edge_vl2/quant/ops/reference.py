@@ -12,6 +12,8 @@ from .base import WeightOp, format_name
 class ReferenceOp(WeightOp):
     """fp32 dequantize + matmul; cached (fp32 copy) or per call (only the packed tensors are kept)."""
 
+    sync_free_rows = True  # rows gathers the chosen experts by a device index
+
     def __init__(self, w: QuantizedWeight, cache: bool = True):
         super().__init__(w.shape, format_name(w))
         self.cache = cache
