@@ -74,6 +74,11 @@ class DecodeStep:
         self._capture_pending = why is None
         self.mode = "cuda graph" if why is None else f"eager: {why}"
 
+    @property
+    def captures(self) -> bool:
+        """True when steps replay (or the first one will capture) a CUDA graph."""
+        return self._capture_pending or self.graph is not None
+
     @torch.inference_mode()
     def _run(self) -> None:
         """The static step: reads token/pos, writes the cache slot at pos and the logits buffer."""

@@ -115,6 +115,8 @@ def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.T
     step = DecodeStep(lm, cache, cuda_graph=True) if cuda_graphs else None
     if info is not None:
         info.update(prefill_chunk=prefill_chunk, decode=step.mode if step else "eager")
+    if step is not None and not step.captures:
+        step = None  # run eagerly, the dynamic-shape step is the faster one (it attends only to what is written)
     for _ in range(params.max_new_tokens):
         token = sample(logits, params, history, generator)
         if token == eos_id:

@@ -1,5 +1,5 @@
-"""Memory figures of this process and machine, from Linux /proc (standard library only: benchmarks import it before
-they set the environment torch reads)."""
+"""Memory figures of this process and machine, and the CPU's feature flags, from Linux /proc (standard library only:
+benchmarks import it before they set the environment torch reads)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,13 @@ def peak_rss_bytes() -> int:
 def available_memory() -> int:
     """MemAvailable (what can be had now without swapping), else total RAM."""
     return proc_bytes("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_flags() -> set[str]:
+    """The kernel's list of this CPU's features (the hardware's, whatever CPUID is made to report); empty where
+    /proc/cpuinfo has none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()

@@ -49,6 +49,7 @@ from .plan import GB, SourceReader, plan_decoder, plan_memory, vision_bytes
 STAGING_TAG = "edge-vl2-staging"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
+VISION_RECIPES = ("fused", "fused-vnni", "plain")  # edge_vl2.export.vision_onnx.RECIPES (imported lazily there)
 # Without --device: fp16 runs on every provider (GPU natively, ORT CPU by casting) at half the fp32 size, which a
 # Tiny INT4 bundle needs to stay under 2.8 GB. A device profile picks its own (cpu-kiosk: int8, GPUs: fp16).
 DEFAULT_VISION = "fp16"
@@ -66,6 +67,7 @@ class ExportOptions:
     calib_samples: int = 32
     fidelity_samples: int = 4  # held-out samples; 0 skips (recorded as skipped)
     vision: tuple[str, ...] | None = None  # graph precisions; default from the device profile, else DEFAULT_VISION
+    vision_recipe: str | None = None  # fused | fused-vnni | plain (vision_onnx.RECIPES); default per precision
     device: str | None = None  # device profile the bundle must fit
     shard_gb: float = 1.0
     max_memory_gb: float | None = None  # default: MemAvailable now
@@ -222,6 +224,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
     if opts.fidelity_samples < 0 or opts.calib_samples < 1 or opts.shard_gb <= 0:
         raise UserError("--fidelity-samples must be >= 0, --calib-samples >= 1 and --shard-gb > 0")
+    if opts.vision_recipe is not None and opts.vision_recipe not in VISION_RECIPES:
+        raise UserError(f"--vision-recipe must be one of {', '.join(VISION_RECIPES)}, got {opts.vision_recipe!r}")
     if opts.calib_dir is not None and not Path(opts.calib_dir).is_dir():
         raise UserError(f"--calib-dir {opts.calib_dir}: no such folder")
     if opts.recipe == "mixed" and (opts.method != "gptq" or not 0 <= opts.int8_share <= 1):
@@ -279,7 +283,8 @@ def _write(opts: ExportOptions, plan: ExportPlan, stage: Path, log: Callable[[st
     for f in copied:
         shutil.copyfile(model_dir / f, stage / f)
     graphs = toolchain.export_vision_graphs(model_dir, stage, plan.precisions,
-                                            toolchain.validation_images(opts.calib_dir, opts.max_tiles), processor, log)
+                                            toolchain.validation_images(opts.calib_dir, opts.max_tiles), processor, log,
+                                            opts.vision_recipe)
     model, recipe, plans, writer, calibration = _write_decoder(opts, plan, stage, log)
     fidelity = _fidelity(opts, plan, model, plans, writer, stage, log)
     del model

@@ -38,19 +38,21 @@ def validation_images(calib_dir: str | None, max_tiles: int, n: int = 2) -> list
 
 
 def export_vision_graphs(model_dir: Path, folder: Path, precisions: list[str], images, processor,
-                         log: Log) -> list[dict]:
+                         log: Log, recipe: str | None = None) -> list[dict]:
     """`vision-{precision}.onnx` for every precision, each validated against the fp32 PyTorch tower on `images`
-    (a UserError above tolerance); returns the manifest entries. Only the tower + projector are loaded."""
+    (a UserError above tolerance); returns the manifest entries. Only the tower + projector are loaded. `recipe`:
+    vision_onnx.RECIPES name for every graph (default: each precision's)."""
     from .vision_onnx import export_vision, load_vision_graph
 
     graph = load_vision_graph(model_dir)
     entries = []
     for precision in precisions:
         t0 = time.perf_counter()
-        entry = export_vision(graph, folder / f"vision-{precision}.onnx", precision, images, processor)
+        entry = export_vision(graph, folder / f"vision-{precision}.onnx", precision, images, processor,
+                              recipe=recipe)
         v = entry["validation"]
-        log(f"vision {precision}: {entry['bytes'] / GB:.3f} GB, max |ORT - torch| {v['max_abs']:.3g} "
-            f"(rel {v['max_rel']:.3g}), worst tile cosine {v['cosine_min']:.6f}, {time.perf_counter() - t0:.0f} s")
+        log(f"vision {precision} ({entry['graph']}): {entry['bytes'] / GB:.3f} GB, max |ORT - torch| "
+            f"{v['max_abs']:.3g} (rel {v['max_rel']:.3g}), worst tile cosine {v['cosine_min']:.6f}, {time.perf_counter() - t0:.0f} s")
         entries.append(entry)
     return entries
 

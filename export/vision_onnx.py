@@ -11,20 +11,22 @@ Exporter: `torch.onnx.export(dynamo=True)`: 2.1 GB peak on the full-size tower a
 ~4e-6 from torch. It writes opset 18 and cannot go lower (no 18->17 adapter for Pad): `opset=17` (TensorRT 8.x
 parsers) uses the TorchScript exporter and pays its memory.
 
-Two graph recipes (`RECIPES`). "fused", the default for the CPU graphs (fp32, int8): onnxscript's ONNX Runtime
-fusions rewrite each block's attention into `com.microsoft.MultiHeadAttention`, residual + LayerNorm into
+Graph recipes (`RECIPES`). "fused", the default for the CPU graphs (fp32, int8): onnxscript's ONNX Runtime fusions
+rewrite each block's attention into `com.microsoft.MultiHeadAttention`, residual + LayerNorm into
 `SkipLayerNormalization` and the GELUs into `FastGelu` / `BiasGelu` (contrib ops every onnxruntime build has, so the
-device needs no optimizer); INT8 weights QInt8. "plain", the default for fp16 (the GPU graph: TensorRT parses
-standard ops only and fuses attention itself), keeps the exporter's standard ops; its INT8 variant (QUInt8
-weights) is what edge-vl2 0.1 exported, kept so `vision-bench --graphs fused,plain` measures before against after.
+device needs no optimizer). "plain", the default for fp16 (the GPU graph: TensorRT parses standard ops only and
+fuses attention itself), keeps the exporter's standard ops; its INT8 graph is what edge-vl2 0.1 exported, kept so
+`vision-bench --recipes plain,fused` measures before against after.
 fp16: ONNX Runtime's float16 pass with LayerNorm and Softmax blocked (fp32 between casts, their scale/bias kept
 fp32); ORT's CPU provider computes fp16 MatMul/Conv in fp32, so a CPU validation measures fp16 storage rounding.
 INT8: `quantize_dynamic`, MatMul weights only, per output channel (per tensor: cosine 0.967 on the full-size tower;
-a ConvInteger patch embedding costs accuracy and saves nothing). QInt8 weights run ONNX Runtime's u8s8 kernels
-(AVX-512 VNNI / AMX where the CPU has them, AVX2's `vpmaddubsw` on a kiosk), QUInt8 weights its slower u8u8
-kernels; README "Vision in ONNX Runtime" has the measured speeds and cosines on both ISAs. The projector's first
-matmul stays fp32 in the fused graph (ORT folds its input transpose into a FusedMatMul, which the quantizer does not
-cover; 0.35 % of the tower's FLOPs). fp16 and int8 derive from the fp32 graph.
+a ConvInteger patch embedding costs accuracy and saves nothing), activations uint8 per tensor at run time. The
+weight type decides ONNX Runtime's kernels: QUInt8 ("fused", "plain") runs its u8u8 kernels, exact on every x86-64
+CPU; QInt8 ("fused-vnni") its u8s8 kernels, ~2.5x faster on AVX-512 VNNI / AMX, but on an AVX2-only CPU those
+add pairs of u8 x s8 products in 16 bits (`vpmaddubsw`), which saturate: measured worst-tile 1 - cos 3.5e-3 instead
+of 2.6e-4 on the test tower, so it is only for CPUs with VNNI (README, "Vision in ONNX Runtime", has both ISAs).
+The projector's first matmul stays fp32 in the fused graph (ORT folds its input transpose into a FusedMatMul, which
+the quantizer does not cover; 0.35 % of the tower's FLOPs). fp16 and int8 derive from the fp32 graph.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class GraphRecipe:
     int8_weights: str
 
 
-RECIPES = {"fused": GraphRecipe(fused=True, int8_weights="s8"), "plain": GraphRecipe(fused=False, int8_weights="u8")}
+RECIPES = {"fused": GraphRecipe(fused=True, int8_weights="u8"),       # any x86-64 CPU
+           "fused-vnni": GraphRecipe(fused=True, int8_weights="s8"),  # CPUs with AVX-512 VNNI / AVX-VNNI / AMX only
+           "plain": GraphRecipe(fused=False, int8_weights="u8")}      # what edge-vl2 0.1 exported
 DEFAULT_RECIPE = {"fp32": "fused", "fp16": "plain", "int8": "fused"}  # CPU graphs fused; fp16 portable to TensorRT
 
 

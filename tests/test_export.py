@@ -61,6 +61,7 @@ def test_manifest_holds_schema_v1(tmp_path_factory):
     assert m["decoder"]["quantized"]["language.model.layers.1.mlp.experts.gate_proj"]["bits"] == 4
     (graph,) = m["vision"]["graphs"]
     assert graph["precision"] == "fp32" and graph["opset"] >= 17 and graph["dynamic_axes"]
+    assert graph["graph"].startswith("fused: 2 MultiHeadAttention")  # the CPU graphs carry ORT's fused ops
     assert graph["validation"]["max_rel"] <= 1e-4  # the vision tolerance for fp32 (export/vision_onnx.py)
     f = m["fidelity"]
     assert f["samples"] == 1 and f["positions"] > 0
@@ -122,7 +123,7 @@ def test_mixed_gptq_export_for_a_device(tmp_path_factory):
     is recorded, and the measured peak RSS stays under the plan."""
     bundle, proc = small_mixed_bundle(tmp_path_factory)
     err = proc.stderr
-    assert err.index("estimated bundle size") < err.index("planned peak memory") < err.index("vision int8:")
+    assert err.index("estimated bundle size") < err.index("planned peak memory") < err.index("vision int8 (fused: ")
     m = open_bundle(bundle).manifest.to_dict()
     assert m["variant"] == "small" and m["recipe"]["method"] == "gptq" and m["recipe"]["name"] == "mixed"
     assert m["vision"]["graphs"][0]["precision"] == "int8" and m["export"]["device"] == "cpu-kiosk"
@@ -183,6 +184,7 @@ def test_refusals_before_any_work(tmp_path_factory, tmp_path):
         (dict(recipe="mixed", method="rtn"), "needs --method gptq"),
         (dict(recipe="int3"), "not one of"),
         (dict(vision=("fp8",)), "--vision"),
+        (dict(vision_recipe="fast"), "--vision-recipe must be one of fused, fused-vnni, plain"),
     ]
     for options, needle in cases:
         with pytest.raises(UserError, match=needle.replace("(", r"\(")):

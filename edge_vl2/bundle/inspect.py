@@ -22,6 +22,7 @@ def inspect_lines(bundle: Bundle) -> list[str]:
     for g in m.vision.graphs:
         v = g.validation
         lines.append(f"vision: {g.precision} {g.file} {bundle.graph_bytes(g) / GB:.3f} GB, opset {g.opset}, "
+                     f"{(g.graph or 'plain').split(':')[0]} graph, "
                      f"max |ORT - torch| {v.get('max_abs', float('nan')):.3g}, worst tile cosine "
                      f"{v.get('cosine_min', float('nan')):.6f} on {v.get('tiles', 0)} tiles")
     lines += fidelity_lines(m.fidelity)

@@ -166,6 +166,8 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
             f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
+        if runner.warning:
+            log(f"warning: {runner.warning}")
     return LoadedBundle(model, processor, bundle.path, runner.encode_tiles, budget)
 
 

@@ -68,6 +68,7 @@ class VisionGraph:
     bytes: int
     validation: dict = field(default_factory=dict)
     quantization: str | None = None
+    graph: str | None = None  # "plain", or "fused: 27 MultiHeadAttention, ..." (ONNX Runtime contrib ops)
 
 
 @dataclass(frozen=True)

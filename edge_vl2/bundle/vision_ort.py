@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, one_line
+from ..procinfo import cpu_flags
 
 try:
     import onnxruntime as ort
@@ -36,6 +37,10 @@ def _allowed_cpus() -> set[int]:
         return set(os.sched_getaffinity(0))  # what this process may use, not what the machine has
     except (AttributeError, OSError):
         return set(range(os.cpu_count() or 1))
+
+
+# CPUs where ONNX Runtime's u8s8 kernels (QInt8 weights) add products in 32 bits instead of saturating 16-bit pairs
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def physical_cores() -> int:
@@ -141,6 +146,16 @@ class OrtVisionRunner:
             raise UserError(f"{self.path}: output {OUTPUT!r} must be [N, tokens, hidden], got {out_shape}")
         self.tile_shape: tuple[int, int, int] = tuple(shape[1:])  # (3, S, S)
         self.tokens, self.hidden = out_shape[1], out_shape[2]
+
+    @property
+    def warning(self) -> str | None:
+        """Why this graph may be less accurate on this CPU than at export, or None (x86 int8 graphs only)."""
+        flags = cpu_flags()
+        if "QInt8" in self.metadata.get("quantization", "") and "avx2" in flags and not flags & VNNI_FLAGS:
+            return (f"{self.path.name} has QInt8 weights (vision recipe fused-vnni); this CPU has no VNNI/AMX, where "
+                    "ONNX Runtime's u8s8 kernels saturate (worst-tile cosine drops): export with --vision-recipe "
+                    "fused for it")
+        return None
 
     @property
     def precision(self) -> str | None:

@@ -63,9 +63,12 @@ def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
 @click.option("--tiles", "max_tiles", default=None, type=int, help="Time only the first N tiles (global view first).")
 @click.option("--threads", default=None, type=int,
               help="For PyTorch and ONNX Runtime alike [default: one per physical core].")
+@click.option("--graphs-dir", default=None, type=click.Path(file_okay=False),
+              help="Keep the exported graphs in this folder and reuse the ones already there [default: a "
+                   "temporary folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of a table.")
 @one_line_errors
-def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, threads, as_json):
+def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, threads, graphs_dir, as_json):
     """Vision per tile in one run: PyTorch fp32 vs ONNX Runtime graphs (max |ORT - torch|, cosine, ms/tile)."""
     import json
 
@@ -76,7 +79,7 @@ def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, thr
 
     result = run_vision_bench(model, image, split(precisions), repeats, max_tiles, threads,
                               progress=lambda msg: click.echo(msg, err=True),
-                              recipes=None if recipes is None else split(recipes), isa=isa)
+                              recipes=None if recipes is None else split(recipes), isa=isa, graphs_dir=graphs_dir)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 

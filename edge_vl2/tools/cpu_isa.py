@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import UserError
+from ..procinfo import cpu_flags
 
 ISAS = ("native", "avx2")
 SOURCE = Path(__file__).with_name("cpuid_cap.c")
@@ -30,15 +31,6 @@ MARKER = "EDGE_VL2_CPU_ISA"  # set in a capped child so it can say what it runs 
 # Flags that change which kernels the libraries above choose, reported as they are (capped or not).
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                   "amx_int8", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    """The kernel's view of this CPU's flags (/proc/cpuinfo: the hardware's, whatever CPUID is made to say)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 def _library() -> Path:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from edge_vl2.errors import UserError
@@ -72,7 +73,8 @@ def _time_per_tile(fn, tiles, repeats: int, batch: int):
 def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
                      precisions: tuple[str, ...] = ("fp32", "fp16", "int8"), repeats: int = 3,
                      max_tiles: int | None = None, threads: int | None = None, batch: int = 4,
-                     progress=None, recipes: tuple[str, ...] | None = None, isa: str = "native") -> dict:
+                     progress=None, recipes: tuple[str, ...] | None = None, isa: str = "native",
+                     graphs_dir: str | Path | None = None) -> dict:
     """Time and compare; returns {"setup": {...}, "records": [torch record, one per graph]}.
 
     Each record: backend, precision, recipe, ms_per_tile (median), runs_ms, ratio (PyTorch ms / this ms: above 1
@@ -80,6 +82,8 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
     cosine_mean against PyTorch fp32, tolerance_ok (the export tolerance), providers, graph_mb and export_s.
     `recipes`: None times each precision's export default; else every precision in each recipe listed.
     `isa`: "native" or "avx2" (run in a child process that sees an AVX2-only CPU; setup["isa"] says what ran).
+    `graphs_dir`: keep the graphs there instead of a temporary folder, and time the ones already there instead of
+    exporting them again (the export does not depend on the ISA, so one export serves native and avx2 runs).
     """
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:  # the export toolchain is not part of a device install
@@ -87,7 +91,8 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
     if isa != os.environ.get(cpu_isa.MARKER, "native"):
         return _run_capped(isa, progress, model_dir=str(model_dir), image=None if image is None else str(image),
                            precisions=list(precisions), repeats=repeats, max_tiles=max_tiles, threads=threads,
-                           batch=batch, recipes=None if recipes is None else list(recipes))
+                           batch=batch, recipes=None if recipes is None else list(recipes),
+                           graphs_dir=None if graphs_dir is None else str(graphs_dir))
     env = set_timing_env()
     import onnxruntime
     import torch
@@ -105,8 +110,7 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
                         f"{', '.join(RECIPES)}")
     if repeats < 1 or batch < 1 or (max_tiles is not None and max_tiles < 1):
         raise UserError("--repeats, --tiles and the batch must be at least 1")
-    graphs = [(p, r) for r in (recipes or [None]) for p in precisions]
-    graphs = [(p, r or DEFAULT_RECIPE[p]) for p, r in graphs]
+    graphs = _distinct_graphs([(p, r or DEFAULT_RECIPE[p]) for r in (recipes or [None]) for p in precisions])
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
 
@@ -128,7 +132,10 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
     del graph, torch_encode  # from here on only the ONNX Runtime sessions hold weights
     gc.collect()
 
-    with tempfile.TemporaryDirectory(prefix="vision-bench.") as tmp:
+    if graphs_dir is not None:
+        Path(graphs_dir).mkdir(parents=True, exist_ok=True)
+    folder = tempfile.TemporaryDirectory(prefix="vision-bench.") if graphs_dir is None else nullcontext(graphs_dir)
+    with folder as tmp:
         say(f"exporting {', '.join(f'{p} {r}' for p, r in graphs)} in child processes")
         exported = _export_in_child(model_dir, tmp, graphs)
         for precision, recipe in graphs:
@@ -151,6 +158,20 @@ def run_vision_bench(model_dir: str | Path, image: str | Path | None = None,
              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
              "export_peak_rss_mb": exported["peak_rss_mb"], "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
     return {"setup": setup, "records": records}
+
+
+def _distinct_graphs(graphs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(precision, recipe) pairs without the ones that would build the same file: recipes that differ only in
+    their int8 weights give one fp32 and one fp16 graph, named "fused" or "plain"."""
+    from edge_vl2.export.vision_onnx import RECIPES
+
+    out = []
+    for precision, recipe in graphs:
+        if precision != "int8":
+            recipe = "fused" if RECIPES[recipe].fused else "plain"
+        if (precision, recipe) not in out:
+            out.append((precision, recipe))
+    return out
 
 
 def _run_capped(isa: str, progress, **kwargs) -> dict:
@@ -176,10 +197,18 @@ def _export_in_child(model_dir: str | Path, out_dir: str, graphs: list[tuple[str
     instead of stacking on them: one traces the plain fp32 graph (the exporter keeps the PyTorch weights alive until
     its process ends) and fuses it, a second converts it to the others (~3x the fp32 weights at peak) without
     them. `graphs`: (precision, recipe) pairs."""
-    fp32 = [("fp32", "plain")] + ([("fp32", "fused")] if any(r == "fused" for _, r in graphs) else [])
+    from edge_vl2.export.vision_onnx import RECIPES
+
+    fp32 = [("fp32", "plain")] + ([("fp32", "fused")] if any(RECIPES[r].fused for _, r in graphs) else [])
     steps = [fp32] + ([[g for g in graphs if g[0] != "fp32"]] if any(p != "fp32" for p, _ in graphs) else [])
     done, peak = {}, 0
     for step in steps:
+        kept = [g for g in step if (Path(out_dir) / _graph_name(*g)).exists()]  # from an earlier run (graphs_dir)
+        done.update({f"{p} {r}": {"export_s": None, "graph_mb": _graph_mb(Path(out_dir) / _graph_name(p, r))}
+                     for p, r in kept})
+        step = [g for g in step if g not in kept]
+        if not step:
+            continue
         args = [sys.executable, "-m", "edge_vl2.tools.vision_bench", str(model_dir), out_dir,
                 *(f"{p}:{r}" for p, r in step)]
         proc = subprocess.run(args, capture_output=True, text=True)
@@ -195,7 +224,7 @@ def _export_in_child(model_dir: str | Path, out_dir: str, graphs: list[tuple[str
 def _export_all(model_dir: str, out_dir: str, graphs: list[tuple[str, str]]) -> dict:
     """A child's work: each graph as `vision-<precision>-<recipe>.onnx` in `out_dir` (unvalidated), its size and
     time; the plain fp32 graph is traced, every other one derived from the fp32 graph of its recipe already there."""
-    from edge_vl2.export.vision_onnx import load_vision_graph, write_vision_graph
+    from edge_vl2.export.vision_onnx import RECIPES, load_vision_graph, write_vision_graph
 
     out, done = Path(out_dir), {}
     for precision, recipe in graphs:
@@ -204,12 +233,16 @@ def _export_all(model_dir: str, out_dir: str, graphs: list[tuple[str, str]]) -> 
         if (precision, recipe) == ("fp32", "plain"):
             write_vision_graph(load_vision_graph(model_dir), path, "fp32", recipe="plain")
         else:
-            base = out / _graph_name("fp32", "fused" if recipe == "fused" and precision != "fp32" else "plain")
+            fused = RECIPES[recipe].fused and precision != "fp32"
+            base = out / _graph_name("fp32", "fused" if fused else "plain")
             write_vision_graph(None, path, precision, fp32_graph=base, recipe=recipe)
-        size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(path.name))
-        done[f"{precision} {recipe}"] = {"export_s": round(time.perf_counter() - t0, 1),
-                                         "graph_mb": round(size / 2**20, 1)}
+        done[f"{precision} {recipe}"] = {"export_s": round(time.perf_counter() - t0, 1), "graph_mb": _graph_mb(path)}
     return {"graphs": done, "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
+
+
+def _graph_mb(path: Path) -> float:
+    """The graph's size with its external-data file."""
+    return round(sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name)) / 2**20, 1)
 
 
 def format_table(result: dict) -> str:
@@ -219,14 +252,14 @@ def format_table(result: dict) -> str:
              f"{s['tiles']} tiles, {s['batch']} per run, {s['threads']} threads, median of {s['repeats']}",
              f"  {s['cpu']}; {cpu_isa.describe(s['isa'])}",
              f"  torch {s['torch']}, onnxruntime {s['onnxruntime']}; {s['timing_env']}",
-             f"  {'backend':<25}{'ms/tile':>10}{'vs torch':>10}{'max|ORT-torch|':>16}{'max_rel':>10}"
+             f"  {'backend':<28}{'ms/tile':>10}{'vs torch':>10}{'max|ORT-torch|':>16}{'max_rel':>10}"
              f"{'1-cos(worst)':>14}{'tol':>5}  providers"]
     for r in result["records"]:
         name = f"{r['backend']} {r['precision']} {r.get('recipe', '')}".strip()
         if r["backend"] == "torch":
-            lines.append(f"  {name:<25}{r['ms_per_tile']:>10.1f}{'1.00x':>10}")
+            lines.append(f"  {name:<28}{r['ms_per_tile']:>10.1f}{'1.00x':>10}")
             continue
-        lines.append(f"  {name:<25}{r['ms_per_tile']:>10.1f}{r['ratio']:>9.2f}x{r['max_abs']:>16.3g}"
+        lines.append(f"  {name:<28}{r['ms_per_tile']:>10.1f}{r['ratio']:>9.2f}x{r['max_abs']:>16.3g}"
                      f"{r['max_rel']:>10.2g}{1 - r['cosine_min']:>14.2g}{'ok' if r['tolerance_ok'] else 'OVER':>5}  "
                      f"{','.join(p.replace('ExecutionProvider', '') for p in r['providers'])}")
     lines.append(f"  peak RSS {s['peak_rss_mb']:.0f} MB (during export {s['export_peak_rss_mb']:.0f} MB)")
