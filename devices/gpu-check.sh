@@ -2,6 +2,11 @@
 # The GPU check: on a machine with an NVIDIA GPU, from the repository root, in under 8 minutes on an H100/H200:
 #
 #     bash devices/gpu-check.sh [WORKDIR]          # default WORKDIR /tmp/edge-vl2-gpu-check
+#     bash devices/gpu-check.sh --dry-run [WORKDIR]
+#
+# --dry-run runs the same steps without a GPU, on test-size checkpoints with the cpu backend and a short prompt (the
+# memory-cap configuration is recorded as skipped: it needs CUDA), so the script itself is checked on any machine in
+# a few minutes (tests/test_gpu_check.py runs it). No GPU has run the full check yet.
 #
 # 1. installs edge-vl2 (editable, no dependencies: the machine's torch with CUDA stays) and whatever Python package
 #    is missing: from wheels in .whl/ when present (a machine without a registry), else from the package registry;
@@ -19,6 +24,8 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 WORK=${1:-${GPU_CHECK_WORK:-/tmp/edge-vl2-gpu-check}}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 PY=${PYTHON:-python3}
@@ -26,6 +33,8 @@ IMAGE=$REPO/tests/fixtures/images/monday.jpg
 RESULTS=$WORK/results.jsonl
 SMALL_PARAM_RATIO=4.8  # 16,148,349,504 / 3,370,501,440 parameters (model-facts)
 SIZE=${GPU_CHECK_SIZE:-full}  # "test": tiny dimensions, a smoke test of the script in seconds
+BACKEND=cuda PROMPT_TOKENS=256 NEW_TOKENS=128
+if ((DRY)); then SIZE=test BACKEND=cpu PROMPT_TOKENS=32 NEW_TOKENS=8; fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 say() { printf '[gpu-check %3ds] %s\n' "$SECONDS" "$*" >&2; }
@@ -46,7 +55,11 @@ run() {
 # ---- 1. environment ---------------------------------------------------------------------------------------------
 mkdir -p "$WORK" || exit 2
 : >"$RESULTS"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || { say "no NVIDIA GPU"; exit 2; }
+if ((DRY)); then
+    say "dry run: test-size checkpoints, cpu backend, no GPU"
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2 || { say "no NVIDIA GPU"; exit 2; }
+fi
 if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (see the device README)
     say "installing carried wheels from .whl/"
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/edge-vl2-site \
@@ -68,11 +81,13 @@ if ! $PY -c "import edge_vl2.export" 2>/dev/null; then
     say "installing edge-vl2 (editable, --no-deps)"
     $PY -m pip install -q --no-deps --no-build-isolation -e "$REPO" || exit 2
 fi
-$PY - >&2 <<'EOF' || exit 2
-import torch, onnxruntime
+DRY=$DRY $PY - >&2 <<'EOF' || exit 2
+import os, torch, onnxruntime
 from edge_vl2.quant.linear import available_backends
-assert torch.cuda.is_available(), "torch sees no CUDA device"
-print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}; cuda backend: {available_backends()['cuda'].detail}; "
+dry = os.environ["DRY"] == "1"
+assert dry or torch.cuda.is_available(), "torch sees no CUDA device"
+device = "the CPU (dry run)" if dry else torch.cuda.get_device_name()
+print(f"torch {torch.__version__} on {device}; cuda backend: {available_backends()['cuda'].detail}; "
       f"onnxruntime {onnxruntime.__version__} providers {onnxruntime.get_available_providers()}")
 EOF
 say "disk free in $WORK: $(df -BG --output=avail "$WORK" | tail -1 | tr -d ' ')"
@@ -81,20 +96,20 @@ say "disk free in $WORK: $(df -BG --output=avail "$WORK" | tail -1 | tr -d ' ')"
 model() {  # model VARIANT: returns 0 when its bundle exists
     local v=$1 ckpt=$WORK/$1 bundle=$WORK/$1-int4
     if [ ! -d "$ckpt" ] && [ ! -d "$bundle" ]; then
-        say "$v: synthetic full-size checkpoint"
+        say "$v: synthetic $SIZE-size checkpoint"
         run "$v" $PY -m edge_vl2.cli synth --variant "$v" --size "$SIZE" --out "$ckpt" >/dev/null || return 1
     fi
     if [ ! -d "$bundle" ]; then
         say "$v: RTN INT4 bundle (fp16 vision graph, no fidelity pass)"
         run "$v" $PY -m edge_vl2.cli export --model "$ckpt" --recipe int4 --method rtn --vision fp16 \
-            --fidelity-samples 0 --max-memory-gb 120 --out "$bundle" || return 1
+            --fidelity-samples 0 --max-memory-gb 120 --out "$bundle" >&2 || return 1  # stdout: the table only
         [ -n "${GPU_CHECK_KEEP:-}" ] || rm -rf "$ckpt"  # the bundle is all the benchmark needs: free the disk
     fi
 }
 bench() {  # bench VARIANT
     say "$1: benchmark (graphs off / on / on under a 16 GB cap)"
     run "$1" $PY -m edge_vl2.tools.gpu_check run "$WORK/$1-int4" "$1-int4" --image "$IMAGE" \
-        --prompt-tokens 256 --new-tokens 128 >>"$RESULTS"
+        --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --backend "$BACKEND" >>"$RESULTS"
 }
 
 t0=$SECONDS
@@ -105,7 +120,9 @@ case ${GPU_CHECK_SMALL:-auto} in
     force) model small && bench small ;;
     *)
         avail=$(df -BG --output=avail "$WORK" | tail -1 | tr -dc 0-9)
-        if [ -d "$WORK/small-int4" ]; then
+        if ((DRY)); then  # test size: seconds, whatever the disk
+            model small && bench small
+        elif [ -d "$WORK/small-int4" ]; then
             bench small
         elif ((avail < 45)); then
             record_skip small "needs ~45 GB of disk (32 GB checkpoint + 9.5 GB bundle), ${avail} GB free"

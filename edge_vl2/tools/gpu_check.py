@@ -3,13 +3,16 @@
 `devices/gpu-check.sh` runs this after making and exporting the checkpoints; it is also the place `edge-vl2 bench
 --bundle` can take its GPU figures from (`measure_bundle` returns one flat record per configuration):
 
-    python -m edge_vl2.tools.gpu_check run BUNDLE LABEL [--image IMG] [--prompt-tokens N] [--new-tokens N] >> out.jsonl
+    python -m edge_vl2.tools.gpu_check run BUNDLE LABEL [--image IMG] [--prompt-tokens N] [--new-tokens N]
+                                       [--backend cpu] >> out.jsonl
     python -m edge_vl2.tools.gpu_check table out.jsonl
 
 `run` measures each configuration of CONFIGS in its own child process (a fresh CUDA context, memory cap and peak
 counters) and prints one JSON record per line. Decode figures drop the first step (it captures the graph; its time is
 `capture_s`); `bytes_per_token` is what one decode step reads of the decoder's weights (dense layers, k of E experts,
 lm_head; the embedding row and the cache are not counted), so `achieved_gbs` is a lower bound of the bandwidth used.
+`--backend cpu` is the script's dry run (`gpu-check.sh --dry-run`): the same steps without a GPU, the memory-cap
+configuration recorded as skipped.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def measure_bundle(bundle: str, cuda_graphs: bool, memory_cap_gb: float | None =
     info: dict = {}
     marks = [time.perf_counter()]
     tokens = generate_tokens(vl2.model.language, embeds, inputs.input_ids, SamplingParams(max_new_tokens=new_tokens),
-                             eos_id=-1, prefill_budget=vl2.prefill_budget, cuda_graphs=vl2.cuda_graphs, info=info)
+                             eos_id=-1, prefill_budget=vl2.prefill_budget, cuda_graphs=cuda_graphs, info=info)
     for _ in tokens:
         marks.append(time.perf_counter())  # each yield follows a host read of the sampled token: the step is done
     steps = sorted(b - a for a, b in zip(marks[2:], marks[3:]))  # decode steps after the first (capture) one
@@ -98,6 +101,9 @@ def run_configs(bundle: str, label: str, **options) -> list[dict]:
     under the cap is a result, not a crash)."""
     records = []
     for name, graphs, cap, profile in CONFIGS:
+        if cap is not None and options.get("backend", "cuda") != "cuda":
+            records.append({"label": label, "config": name, "skipped": "the memory cap needs CUDA"})
+            continue
         kwargs = dict(bundle=bundle, cuda_graphs=graphs, memory_cap_gb=cap, device_profile=profile, **options)
         proc = subprocess.run([sys.executable, "-m", "edge_vl2.tools.gpu_check", "measure", json.dumps(kwargs)],
                               capture_output=True, text=True)
@@ -116,7 +122,7 @@ def format_table(records: list[dict]) -> str:
     lines = [head]
     for r in records:
         if "skipped" in r:
-            lines.append(f"{r['label']:<12}skipped: {r['skipped']}")
+            lines.append(f"{r['label']:<12}{r.get('config', ''):<17}skipped: {r['skipped']}")
         elif "error" in r:
             lines.append(f"{r['label']:<12}{r['config']:<17}ERROR {r['error']}")
         else:
@@ -143,9 +149,10 @@ def main(argv: list[str]) -> None:
         parser.add_argument("--image")
         parser.add_argument("--prompt-tokens", type=int, default=256)
         parser.add_argument("--new-tokens", type=int, default=64)
+        parser.add_argument("--backend", default="cuda", help="cpu: a dry run of the steps without a GPU")
         a = parser.parse_args(argv[1:])
         for record in run_configs(a.bundle, a.label, image=a.image, prompt_tokens=a.prompt_tokens,
-                                  new_tokens=a.new_tokens):
+                                  new_tokens=a.new_tokens, backend=a.backend):
             print(json.dumps(record), flush=True)
     elif command == "table":
         print(format_table([json.loads(line) for line in Path(argv[1]).read_text().splitlines() if line.strip()]))
