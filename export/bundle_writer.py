@@ -49,7 +49,7 @@ from .plan import GB, SourceReader, plan_decoder, plan_memory, vision_bytes
 STAGING_TAG = "edge-vl2-staging"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
-VISION_RECIPES = ("fused", "fused-vnni", "fused-s7", "plain")  # edge_vl2.export.vision_onnx.RECIPES (imported lazily there)
+VISION_RECIPES = ("fused", "fused-vnni", "plain")  # edge_vl2.export.vision_onnx.RECIPES (imported lazily there)
 # Without --device: fp16 runs on every provider (GPU natively, ORT CPU by casting) at half the fp32 size, which a
 # Tiny INT4 bundle needs to stay under 2.8 GB. A device profile picks its own (cpu-kiosk: int8, GPUs: fp16).
 DEFAULT_VISION = "fp16"
@@ -67,7 +67,7 @@ class ExportOptions:
     calib_samples: int = 32
     fidelity_samples: int = 4  # held-out samples; 0 skips (recorded as skipped)
     vision: tuple[str, ...] | None = None  # graph precisions; default from the device profile, else DEFAULT_VISION
-    vision_recipe: str | None = None  # fused | fused-vnni | fused-s7 | plain (vision_onnx.RECIPES); default per precision
+    vision_recipe: str | None = None  # fused | fused-vnni | plain (vision_onnx.RECIPES); default per precision
     device: str | None = None  # device profile the bundle must fit
     shard_gb: float = 1.0
     max_memory_gb: float | None = None  # default: MemAvailable now

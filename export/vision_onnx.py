@@ -22,11 +22,11 @@ fp32); ORT's CPU provider computes fp16 MatMul/Conv in fp32, so a CPU validation
 INT8: `quantize_dynamic`, MatMul weights only, per output channel (per tensor: cosine 0.967 on the full-size tower;
 a ConvInteger patch embedding costs accuracy and saves nothing), activations uint8 per tensor at run time. The
 weight type decides ONNX Runtime's kernels: QUInt8 ("fused", "plain") runs its u8u8 kernels, exact on every x86-64
-CPU; QInt8 ("fused-vnni") its u8s8 kernels, ~2.5x faster on AVX-512 VNNI / AMX, but on an AVX2-only CPU those
-add pairs of u8 x s8 products in 16 bits (`vpmaddubsw`), which saturate: measured worst-tile 1 - cos 3.5e-3 instead
-of 2.6e-4 on the test tower, so it is only for CPUs with VNNI (README, "Vision in ONNX Runtime", has both ISAs).
-"fused-s7" quantizes QInt8 weights to 7 bits ([-64, 64], ONNX Runtime's reduce_range): pair sums stay below the
-16-bit limit, so the u8s8 kernels are exact on AVX2 too, at twice the weight step.
+CPU; QInt8 ("fused-vnni") its u8s8 kernels, 1.7-1.9x faster, but on an AVX2-only CPU those add pairs of u8 x s8
+products in 16 bits (`vpmaddubsw`), which saturate: measured worst-tile 1 - cos 3.5e-3 instead of 2.6e-4 on the test
+tower. On the full-size tower QInt8 loses accuracy on either ISA (1 - cos 3.0e-3 with VNNI/AMX, 3.3e-3 on the AVX2
+path, against 1.6e-3 for QUInt8), so it is opt-in (README, "Vision in ONNX Runtime", has the figures). 7-bit QInt8
+weights (ONNX Runtime's reduce_range, which cannot saturate) were measured and dropped: 4.6x the QUInt8 error.
 The projector's first matmul stays fp32 in the fused graph (ORT folds its input transpose into a FusedMatMul, which
 the quantizer does not cover; 0.35 % of the tower's FLOPs). fp16 and int8 derive from the fp32 graph.
 """
@@ -70,8 +70,7 @@ TILE_AXIS = "tiles"
 @dataclass(frozen=True)
 class GraphRecipe:
     """How a graph is built beyond its precision: `fused` applies the ONNX Runtime transformer fusions; `int8_weights`
-    is the quantizer's weight type for the int8 graph ("s8": QInt8, "u8": QUInt8, "s7": QInt8 in 7 bits, ONNX
-    Runtime's reduce_range, so that AVX2's u8 x s8 pair sums cannot saturate 16 bits: 2 * 255 * 64 < 32768)."""
+    is the quantizer's weight type for the int8 graph ("s8": QInt8, "u8": QUInt8)."""
 
     fused: bool
     int8_weights: str
@@ -79,7 +78,6 @@ class GraphRecipe:
 
 RECIPES = {"fused": GraphRecipe(fused=True, int8_weights="u8"),       # any x86-64 CPU
            "fused-vnni": GraphRecipe(fused=True, int8_weights="s8"),  # CPUs with AVX-512 VNNI / AVX-VNNI / AMX only
-           "fused-s7": GraphRecipe(fused=True, int8_weights="s7"),    # u8s8 kernels without saturation on AVX2
            "plain": GraphRecipe(fused=False, int8_weights="u8")}      # what edge-vl2 0.1 exported
 DEFAULT_RECIPE = {"fp32": "fused", "fp16": "plain", "int8": "fused"}  # CPU graphs fused; fp16 portable to TensorRT
 
@@ -423,18 +421,17 @@ def _quantize_int8(src: Path, dst: Path, meta: dict, big: bool, external_data: b
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weight_type = {"s8": QuantType.QInt8, "s7": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
+    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
     work = Path(tempfile.mkdtemp(prefix=".int8.", dir=dst.parent))
     try:
         with _quiet():
             quantize_dynamic(str(src), str(work / "q.onnx"), weight_type=weight_type, per_channel=True,
                              op_types_to_quantize=["MatMul"], use_external_data_format=big,
-                             reduce_range=weights == "s7",
                              extra_options={"MatMulConstBOnly": True})  # activations @ activations stay fp32
         proto = onnx.load(str(work / "q.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    kind = {"s8": "QInt8", "s7": "QInt8 7-bit (reduce_range)", "u8": "QUInt8"}[weights]
+    kind = "QInt8" if weights == "s8" else "QUInt8"
     recipe = (f"dynamic int8 (onnxruntime {onnxruntime.__version__}): MatMul weights {kind} per output channel, "
               "activations uint8 per tensor at run time")
     _set_metadata(proto, {**meta, "precision": "int8", "quantization": recipe})

@@ -8,11 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from edge_vl2.bundle.vision_ort import OrtVisionRunner
 from edge_vl2.errors import UserError
@@ -208,28 +206,6 @@ def test_vnni_recipe_has_signed_weights(graphs, model, tiles, reference, tmp_pat
     assert _matmul_integer_weight_types(tmp_path / "v8.onnx") == {onnx.TensorProto.INT8}
     got = compare(OrtVisionRunner(tmp_path / "v8.onnx").encode_tiles(tiles), reference)
     assert got["cosine_min"] >= TOLERANCES["int8"].min_cosine, got
-
-
-def test_s7_recipe_keeps_signed_weights_in_seven_bits(graphs, tiles, reference, tmp_path, monkeypatch):
-    """"fused-s7": QInt8 weights within [-64, 64] (ONNX Runtime's reduce_range), so AVX2's u8 x s8 pair sums stay
-    below 2 * 255 * 64 = 32,640 and cannot saturate; the same export tolerance; no warning on an AVX2 CPU."""
-    from edge_vl2.bundle import vision_ort
-    from edge_vl2.export.vision_onnx import write_vision_graph
-
-    path = tmp_path / "s7.onnx"
-    write_vision_graph(None, path, "int8", fp32_graph=graphs["fp32"][0], recipe="fused-s7")
-    proto = onnx.load(str(path))
-    weights = {t.name: t for t in proto.graph.initializer}
-    qweights = [numpy_helper.to_array(weights[n.input[1]]) for n in proto.graph.node
-                if n.op_type == "MatMulInteger"]
-    assert qweights and all(w.dtype == np.int8 and -64 <= w.min() and w.max() <= 64 for w in qweights)
-    assert max(int(abs(w).max()) for w in qweights) >= 60  # the range is used, not just clipped
-    runner = OrtVisionRunner(path)
-    assert "7-bit" in runner.metadata["quantization"]
-    got = compare(runner.encode_tiles(tiles), reference)
-    assert got["cosine_min"] >= TOLERANCES["int8"].min_cosine, got
-    monkeypatch.setattr(vision_ort, "cpu_flags", lambda: {"avx2", "fma"})
-    assert runner.warning is None
 
 
 def test_signed_int8_graph_warns_on_a_cpu_without_vnni(graphs, tmp_path, monkeypatch):

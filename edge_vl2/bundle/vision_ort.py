@@ -151,9 +151,7 @@ class OrtVisionRunner:
     def warning(self) -> str | None:
         """Why this graph may be less accurate on this CPU than at export, or None (x86 int8 graphs only)."""
         flags = cpu_flags()
-        quantization = self.metadata.get("quantization", "")
-        saturates = "QInt8" in quantization and "7-bit" not in quantization  # 7-bit weights cannot saturate
-        if saturates and "avx2" in flags and not flags & VNNI_FLAGS:
+        if "QInt8" in self.metadata.get("quantization", "") and "avx2" in flags and not flags & VNNI_FLAGS:
             return (f"{self.path.name} has QInt8 weights (vision recipe fused-vnni); this CPU has no VNNI/AMX, where "
                     "ONNX Runtime's u8s8 kernels saturate (worst-tile cosine drops): export with --vision-recipe "
                     "fused for it")

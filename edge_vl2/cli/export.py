@@ -20,11 +20,10 @@ from .common import one_line_errors
 @click.option("--vision", default=None,
               help="Vision graph precision(s), comma-separated fp32,fp16,int8 [default: the device profile's, "
                    "else fp16].")
-@click.option("--vision-recipe", type=click.Choice(["fused", "fused-vnni", "fused-s7", "plain"]), default=None,
+@click.option("--vision-recipe", type=click.Choice(["fused", "fused-vnni", "plain"]), default=None,
               help="How the graphs are built: fused (ONNX Runtime contrib ops; int8 weights exact on any x86 CPU), "
-                   "fused-vnni (int8 faster, only for CPUs with AVX-512 VNNI / AVX-VNNI / AMX), fused-s7 (7-bit "
-                   "signed int8 weights: the fast kernels without saturation on AVX2), plain (standard ops only) "
-                   "[default: fused for fp32/int8, plain for fp16 (TensorRT)].")
+                   "fused-vnni (int8 ~1.8x faster, less accurate: for CPUs with AVX-512 VNNI / AVX-VNNI / AMX), "
+                   "plain (standard ops only) [default: fused for fp32/int8, plain for fp16 (TensorRT)].")
 @click.option("--int8-share", default=0.25, show_default=True, type=float,
               help="mixed: share of the routed experts' INT4 -> INT8 byte difference spent on INT8 experts.")
 @click.option("--device", default=None, help="Device profile the bundle must fit (name or .toml).")
