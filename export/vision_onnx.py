@@ -22,11 +22,12 @@ fp32); ORT's CPU provider computes fp16 MatMul/Conv in fp32, so a CPU validation
 INT8: `quantize_dynamic`, MatMul weights only, per output channel (per tensor: cosine 0.967 on the full-size tower;
 a ConvInteger patch embedding costs accuracy and saves nothing), activations uint8 per tensor at run time. The
 weight type decides ONNX Runtime's kernels: QUInt8 ("fused", "plain") runs its u8u8 kernels, exact on every x86-64
-CPU; QInt8 ("fused-vnni") its u8s8 kernels, 1.7-1.9x faster, but on an AVX2-only CPU those add pairs of u8 x s8
-products in 16 bits (`vpmaddubsw`), which saturate: measured worst-tile 1 - cos 3.5e-3 instead of 2.6e-4 on the test
-tower. On the full-size tower QInt8 loses accuracy on either ISA (1 - cos 3.0e-3 with VNNI/AMX, 3.3e-3 on the AVX2
-path, against 1.6e-3 for QUInt8), so it is opt-in (README, "Vision in ONNX Runtime", has the figures). 7-bit QInt8
-weights (ONNX Runtime's reduce_range, which cannot saturate) were measured and dropped: 4.6x the QUInt8 error.
+CPU; QInt8 ("fused-vnni", with a zero point per channel: the QUInt8 grid shifted by 128) its u8s8 kernels, ~2x
+faster and, with VNNI / AMX, the same outputs as QUInt8. On an AVX2-only CPU those kernels add pairs of u8 x s8
+products in 16 bits (`vpmaddubsw`), which saturate (worst-tile 1 - cos 0.067 on 3 full-width blocks), so the loader
+refuses such a graph there. Measured and dropped (README, "Vision in ONNX Runtime"): symmetric QInt8 (the
+quantizer's default; 1 - cos 3.0e-3 on the full-size tower against 1.6e-3) and 7-bit QInt8 (reduce_range, which
+cannot saturate on AVX2: 4.6x the QUInt8 error).
 The projector's first matmul stays fp32 in the fused graph (ORT folds its input transpose into a FusedMatMul, which
 the quantizer does not cover; 0.35 % of the tower's FLOPs). fp16 and int8 derive from the fp32 graph.
 """
@@ -70,7 +71,8 @@ TILE_AXIS = "tiles"
 @dataclass(frozen=True)
 class GraphRecipe:
     """How a graph is built beyond its precision: `fused` applies the ONNX Runtime transformer fusions; `int8_weights`
-    is the quantizer's weight type for the int8 graph ("s8": QInt8, "u8": QUInt8)."""
+    is the quantizer's weight type for the int8 graph ("u8": QUInt8; "s8": QInt8 with a zero point per channel, the
+    same grid as QUInt8 shifted by 128, so where products are summed exactly (VNNI, AMX) the outputs are the same)."""
 
     fused: bool
     int8_weights: str
@@ -416,6 +418,8 @@ def fp32_island_problems(proto: onnx.ModelProto) -> list[str]:
 
 def _quantize_int8(src: Path, dst: Path, meta: dict, big: bool, external_data: bool | None, weights: str) -> None:
     """Dynamic INT8 for CPU devices: MatMul weights per output channel, QInt8 (`weights` "s8") or QUInt8 ("u8"),
+    both asymmetric (the quantizer's default symmetric QInt8 measured 1 - cos 3.0e-3 on the full-size tower against
+    1.6e-3: a heavy-tailed channel's one-sided outlier wastes half of a symmetric range),
     activations quantised to uint8 per tensor at run time by ONNX Runtime: a CPU format (GPU devices take the fp16
     graph). `meta`: the fp32 graph's `edge_vl2.*` metadata; `big`: its weights pass EXTERNAL_DATA_ABOVE."""
     import onnxruntime
@@ -427,11 +431,12 @@ def _quantize_int8(src: Path, dst: Path, meta: dict, big: bool, external_data: b
         with _quiet():
             quantize_dynamic(str(src), str(work / "q.onnx"), weight_type=weight_type, per_channel=True,
                              op_types_to_quantize=["MatMul"], use_external_data_format=big,
-                             extra_options={"MatMulConstBOnly": True})  # activations @ activations stay fp32
+                             extra_options={"MatMulConstBOnly": True,  # activations @ activations stay fp32
+                                            "WeightSymmetric": False})  # QInt8 too: min..max per channel
         proto = onnx.load(str(work / "q.onnx"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    kind = "QInt8" if weights == "s8" else "QUInt8"
+    kind = {"s8": "QInt8 (zero point per channel)", "u8": "QUInt8"}[weights]
     recipe = (f"dynamic int8 (onnxruntime {onnxruntime.__version__}): MatMul weights {kind} per output channel, "
               "activations uint8 per tensor at run time")
     _set_metadata(proto, {**meta, "precision": "int8", "quantization": recipe})

@@ -197,20 +197,30 @@ def test_plain_recipe_is_the_previous_export(graphs, model, processor, tiles, re
 
 
 def test_vnni_recipe_has_signed_weights(graphs, model, tiles, reference, tmp_path):
-    """"fused-vnni": the same fused graph with QInt8 weights (ONNX Runtime's u8s8 kernels). Its export tolerance
-    holds on any CPU at this size (1 - cos measured 2.6e-4 with VNNI, 3.5e-3 on the AVX2 path, where the u8s8
-    kernel saturates); the README says why it is for VNNI / AMX CPUs only."""
+    """"fused-vnni": the same fused graph with QInt8 weights carrying a zero point per channel (ONNX Runtime's u8s8
+    kernels): the QUInt8 grid shifted by 128, so on a CPU that sums the products exactly (VNNI / AMX) its outputs
+    are the QUInt8 graph's; its export tolerance holds."""
+    from edge_vl2.bundle.vision_ort import VNNI_FLAGS
+    from edge_vl2.procinfo import cpu_flags
+
     entry = export_vision(model, tmp_path / "v8.onnx", "int8", tiles[:2], recipe="fused-vnni",
                           fp32_graph=graphs["fp32"][0])
-    assert "QInt8" in entry["quantization"] and entry["graph"] == graphs["int8"][1]["graph"]
+    assert "QInt8 (zero point per channel)" in entry["quantization"] and entry["graph"] == graphs["int8"][1]["graph"]
     assert _matmul_integer_weight_types(tmp_path / "v8.onnx") == {onnx.TensorProto.INT8}
-    got = compare(OrtVisionRunner(tmp_path / "v8.onnx").encode_tiles(tiles), reference)
-    assert got["cosine_min"] >= TOLERANCES["int8"].min_cosine, got
+    proto = onnx.load(str(tmp_path / "v8.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    zero_points = [onnx.numpy_helper.to_array(inits[n.input[3]]) for n in proto.graph.node
+                   if n.op_type == "MatMulInteger" and len(n.input) > 3 and n.input[3] in inits]
+    assert zero_points and any(z.any() for z in zero_points)  # asymmetric: not the quantizer's symmetric default
+    got = OrtVisionRunner(tmp_path / "v8.onnx").encode_tiles(tiles)
+    assert compare(got, reference)["cosine_min"] >= TOLERANCES["int8"].min_cosine
+    if cpu_flags() & VNNI_FLAGS:  # exact integer sums: the same dequantized weights give the same outputs
+        torch.testing.assert_close(got, OrtVisionRunner(graphs["int8"][0]).encode_tiles(tiles), rtol=1e-5, atol=1e-5)
 
 
-def test_signed_int8_graph_warns_on_a_cpu_without_vnni(graphs, tmp_path, monkeypatch):
-    """The loader prints the runner's warning: a fused-vnni graph on an AVX2-only CPU (its flags stood in for
-    here), never for the QUInt8 graph export writes by default, nor on a VNNI CPU."""
+def test_signed_int8_graph_is_refused_on_a_cpu_without_vnni(graphs, tmp_path, monkeypatch):
+    """A fused-vnni graph on an AVX2-only CPU (its flags stood in for here) is a problem the loader refuses with;
+    never the QUInt8 graph export writes by default, nor on a VNNI CPU."""
     from edge_vl2.bundle import vision_ort
     from edge_vl2.export.bundle_writer import VISION_RECIPES
     from edge_vl2.export.vision_onnx import write_vision_graph
@@ -218,10 +228,10 @@ def test_signed_int8_graph_warns_on_a_cpu_without_vnni(graphs, tmp_path, monkeyp
     assert tuple(RECIPES) == VISION_RECIPES  # the export CLI's list, kept without importing onnx
     write_vision_graph(None, tmp_path / "v8.onnx", "int8", fp32_graph=graphs["fp32"][0], recipe="fused-vnni")
     monkeypatch.setattr(vision_ort, "cpu_flags", lambda: {"avx2", "fma"})
-    assert "fused-vnni" in OrtVisionRunner(tmp_path / "v8.onnx").warning
-    assert OrtVisionRunner(graphs["int8"][0]).warning is None
+    assert "--vision-recipe fused" in OrtVisionRunner(tmp_path / "v8.onnx").cpu_problem
+    assert OrtVisionRunner(graphs["int8"][0]).cpu_problem is None
     monkeypatch.setattr(vision_ort, "cpu_flags", lambda: {"avx2", "fma", "avx512_vnni"})
-    assert OrtVisionRunner(tmp_path / "v8.onnx").warning is None
+    assert OrtVisionRunner(tmp_path / "v8.onnx").cpu_problem is None
 
 
 def test_ort_tile_encoder_gives_the_torch_pipeline_logits(graphs, model, processor):

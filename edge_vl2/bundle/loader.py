@@ -154,9 +154,11 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
         budget = prefill_budget(profile, weights, bundle.cache_bytes())
     backend = choose_backend(backend, profile)
     device = "cuda" if backend == "cuda" or (backend == "bnb" and torch.cuda.is_available()) else "cpu"
-    model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
     # embeddings stay where the decoder runs: on a GPU provider they are bound to CUDA memory (never the host)
     runner = OrtVisionRunner(bundle.path / graph.file, providers=choose_providers(profile), output_device=device)
+    if runner.cpu_problem:  # before the decoder is read: a refusal costs nothing
+        raise UserError(runner.cpu_problem)
+    model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
     processor = Processor.from_pretrained(bundle.path)
     capped = profile is not None and processor.max_tiles() > profile.max_tiles
     if capped:
@@ -166,8 +168,6 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
             f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
-        if runner.warning:
-            log(f"warning: {runner.warning}")
     return LoadedBundle(model, processor, bundle.path, runner.encode_tiles, budget)
 
 
