@@ -152,6 +152,26 @@ def test_device_that_cannot_fit_is_refused_before_loading(tmp_path_factory, tmp_
     assert_one_line_error(proc, "needs about", "small-device has a budget of 0.5 GB")
 
 
+def test_signed_int8_vision_graph_is_refused_without_vnni(tmp_path_factory, tmp_path, monkeypatch):
+    """A bundle whose vision graph has QInt8 weights (recipe fused-vnni) on a CPU without VNNI / AMX (its flags stood
+    in for here) is refused by the loader, naming the fix, before the decoder is read; with VNNI it loads."""
+    from edge_vl2.bundle import vision_ort
+    from edge_vl2.export.vision_onnx import write_vision_graph
+
+    bundle = copy_bundle(tiny_rtn_bundle(tmp_path_factory), tmp_path / "bundle")
+    fp32 = bundle / "vision-fp32.onnx"
+    write_vision_graph(None, tmp_path / "v8.onnx", "int8", fp32_graph=fp32, recipe="fused-vnni")
+    fp32.write_bytes((tmp_path / "v8.onnx").read_bytes())  # same name and signature
+    _rewrite_manifest(bundle, lambda m: None)  # re-sealed: sizes and hashes of the new graph
+    monkeypatch.setattr(vision_ort, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr("edge_vl2.bundle.loader.build_decoder", lambda *a: pytest.fail("decoder read before refusal"))
+    with pytest.raises(UserError, match="has QInt8 weights .* no VNNI / AMX.*--vision-recipe fused"):
+        VL2Pipeline.from_bundle(bundle, verify=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(vision_ort, "cpu_flags", lambda: {"avx2", "fma", "avx_vnni"})
+    assert VL2Pipeline.from_bundle(bundle, verify=False).model is not None
+
+
 # --- refusals ---------------------------------------------------------------------------------------------------------
 
 def _flip_byte(path, where: float = 0.5) -> None:
