@@ -40,6 +40,7 @@ def test_capped_child_sees_avx2_only():
     assert capped["cpuid_capped"] and capped["torch"] == "AVX2" and capped["requested"] == "avx2"
     assert capped["sum"] == pytest.approx(native["sum"], rel=1e-5)  # fp32 GEMMs on either path, other sum orders
     assert "avx512f" in capped["cpu_flags"]  # /proc/cpuinfo still shows the hardware: reports name both
+    assert capped_env("avx2")["EDGE_VL2_CPU_ISA"] == "avx2"  # the runtime's own kernels are capped alike
 
 
 def test_bad_requests_are_one_line_errors():

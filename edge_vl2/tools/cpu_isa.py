@@ -5,7 +5,8 @@ oneDNN, FBGEMM and PyTorch pick their kernels from CPUID: on a Sapphire Rapids X
 than on its AVX2 path (edge_vl2 README, Measured). Only some libraries can be told to stay at AVX2 (PyTorch:
 ATEN_CPU_CAPABILITY, oneDNN: ONEDNN_MAX_CPU_ISA); MLAS honours no setting. So `capped_env("avx2")` preloads a small
 library (cpuid_cap.c, compiled here with the system C compiler on first use) that makes CPUID report no feature
-above AVX2 in the child process, on Linux CPUs with the `cpuid_fault` flag, and sets the two variables as well.
+above AVX2 in the child process, on Linux CPUs with the `cpuid_fault` flag, and sets the two variables as well
+(and EDGE_VL2_CPU_ISA=avx2, which caps edge-vl2's own CPU kernels).
 
     env = capped_env("avx2")                     # for subprocess.run(..., env=env)
     isa_report()                                 # {"cpu_flags": "avx512f,amx_int8,...", "torch": "AVX512", ...}
@@ -27,7 +28,9 @@ from ..procinfo import cpu_flags
 
 ISAS = ("native", "avx2")
 SOURCE = Path(__file__).with_name("cpuid_cap.c")
-MARKER = "EDGE_VL2_CPU_ISA"  # set in a capped child so it can say what it runs on
+MARKER = "EDGE_VL2_CPUID_CAP"  # set in the child so it can say what it runs on
+# the runtime's own cap for its CPU kernels (qkern: scalar | avx2 | avx-vnni): the AVX2 child sets it to avx2 too
+KERNEL_ISA = "EDGE_VL2_CPU_ISA"
 # Flags that change which kernels the libraries above choose, reported as they are (capped or not).
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                   "amx_int8", "amx_bf16")
@@ -69,7 +72,7 @@ def capped_env(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:
         raise UserError("this CPU/kernel cannot trap CPUID (no cpuid_fault flag): the AVX2 path cannot be forced "
                         "here; report figures as this CPU's")
     preload = " ".join(p for p in (str(_library()), env.get("LD_PRELOAD", "")) if p)
-    env.update(LD_PRELOAD=preload, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    env.update(LD_PRELOAD=preload, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", **{KERNEL_ISA: "avx2"})
     return env
 
 
