@@ -15,11 +15,12 @@ from .common import one_line_errors
 @click.option("--image", "images", multiple=True, help="An image file; repeat for several, in <image> tag order.")
 @click.option("--system", default=None, help="System text placed before the first turn.")
 @click.option("--max-new-tokens", default=512, show_default=True, type=types.POSITIVE)
-@click.option("--temperature", default=0.0, show_default=True, type=types.NON_NEGATIVE,
+@click.option("--temperature", default=0.0, show_default=True, type=types.SamplingScale(zero_ok=True),
               help="0 = greedy; else at least 1e-4.")
 @click.option("--top-p", default=1.0, show_default=True, type=types.TOP_P)
 @click.option("--top-k", default=0, show_default=True, type=types.COUNT, help="0 = off.")
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=types.POSITIVE_FLOAT,
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              type=types.SamplingScale(zero_ok=False),
               help="1 = off; at least 1e-4.")
 @click.option("--seed", default=None, type=types.SEED)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,

@@ -24,6 +24,23 @@ class FiniteFloat(click.FloatRange):
         return rv
 
 
+class SamplingScale(FiniteFloat):
+    """A temperature (0 = greedy) or repetition penalty: positive values from SamplingParams' MIN_SCALE, under which
+    fp32 logits divided by it could overflow."""
+
+    def __init__(self, zero_ok: bool):
+        super().__init__(min=0, min_open=not zero_ok)
+        self.zero_ok = zero_ok
+
+    def convert(self, value, param, ctx):
+        from ..generate import MIN_SCALE  # torch is loaded by then: only `run` uses these
+
+        rv = super().convert(value, param, ctx)
+        if 0 < rv < MIN_SCALE:
+            self.fail(f"{value!r} is under {MIN_SCALE}{' (0 = greedy)' if self.zero_ok else ''}.", param, ctx)
+        return rv
+
+
 class TorchDevice(click.ParamType):
     """cpu, cuda or cuda:N, refused here when this torch build or machine cannot use it."""
 
@@ -58,7 +75,6 @@ DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")  # e
 SEED = click.IntRange(0, 2**64 - 1)  # torch.Generator.manual_seed takes 64 bits
 COUNT = click.IntRange(0)
 POSITIVE = click.IntRange(1)
-NON_NEGATIVE = FiniteFloat(min=0)
 POSITIVE_FLOAT = FiniteFloat(min=0, min_open=True)
 SHARE = FiniteFloat(0, 1)
 TOP_P = FiniteFloat(0, 1, min_open=True)

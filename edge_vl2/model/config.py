@@ -210,8 +210,8 @@ class LanguageConfig:
             if self.qk_rope_head_dim % 2:
                 raise UserError(f"{where}: qk_rope_head_dim {self.qk_rope_head_dim} must be even (RoPE pairs)")
         elif self.hidden_size % heads or self.head_dim % 2 or heads % self.num_key_value_heads:
-            raise UserError(f"{where}: hidden_size {self.hidden_size} must split into {heads} heads of an even "
-                            f"width, shared by whole groups of num_key_value_heads {self.num_key_value_heads}")
+            raise UserError(f"{where}: hidden_size {self.hidden_size} must split into num_attention_heads {heads} "
+                            f"of an even width, in whole groups of num_key_value_heads {self.num_key_value_heads}")
         experts, k = self.n_routed_experts, self.num_experts_per_tok
         if experts % self.n_group or self.topk_group > self.n_group or k > experts or \
                 (self.topk_method != "greedy" and k > self.topk_group * experts // self.n_group):
