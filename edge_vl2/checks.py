@@ -205,8 +205,10 @@ def inside(root: Path, name, what: str, allowed: tuple[Path, ...] = ()) -> Path:
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\0" in name:
         raise UserError(f"{root}: {what} {show(name)} is not a relative file name")
     parts = name.replace("\\", "/").split("/")
-    if ".." in parts or any(p in ("", ".") for p in parts):
+    if ".." in parts:
         raise UserError(f"{root}: {what} {show(name)} points outside its folder")
+    if any(p in ("", ".") for p in parts):
+        raise UserError(f"{root}: {what} {show(name)} is not a plain relative path")
     path = root / name
     real = Path(os.path.realpath(path))
     if not any(real.is_relative_to(Path(os.path.realpath(r))) for r in (root, *allowed)):

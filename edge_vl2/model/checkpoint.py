@@ -64,8 +64,8 @@ class CheckpointReader:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        self.weight_map = self._read_weight_map()
         self._handles: dict[str, object] = {}
+        self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}  # safetensors codes, from the headers
         for shard in sorted(set(self.weight_map.values())):
