@@ -195,6 +195,10 @@ def _build(tp, value, where: str, path: str):
         if not isinstance(value, dict):
             raise _wrong(where, path, "an object", value)
         hints = typing.get_type_hints(tp)
+        unknown = sorted(set(value) - set(hints), key=str)
+        if unknown:  # sealed schema version: a field this runtime does not know would be silently dropped
+            raise UserError(f"{where}: {path} has an unknown field {unknown[0]!r} (schema version {SCHEMA_VERSION} "
+                            "has no such field)")
         kwargs = {}
         for f in fields(tp):
             if f.name not in value:

@@ -1,4 +1,4 @@
-"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench` and `qbench`."""
+"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench` and `fuzz`."""
 
 from __future__ import annotations
 
@@ -109,3 +109,31 @@ def qbench(variant, configs, prefill_tokens, rounds, decode_steps, interleave, t
     for record in run_qbench(variant, names, prefill_tokens, rounds, decode_steps, seed, interleave, threads, size,
                              progress=lambda msg: click.echo(msg, err=True)):
         click.echo(json.dumps(record))
+
+
+@click.command()
+@click.option("--seconds", default=60.0, show_default=True, type=types.FiniteFloat(min=1, max=86400),
+              help="Total time, shared equally by the targets (checked between rounds of 50 inputs).")
+@click.option("--targets", default="safetensors,manifest,tokenizer", show_default=True,
+              type=types.CommaChoice(("safetensors", "manifest", "tokenizer")))
+@click.option("--case-seconds", default=20, show_default=True, type=click.IntRange(1, 3600),
+              help="One input running past this counts as a crash (a hang).")
+@click.option("--seed", default=None, type=types.SEED, help="Reproducible runs [default: random].")
+@one_line_errors
+def fuzz(seconds, targets, case_seconds, seed):
+    """Fuzz the readers of outside files (safetensors, bundle manifest, tokenizer) for a bounded time with hypothesis:
+    every damaged input must load or end in one-line error; exit status 1 on the first crash or hang."""
+    import json
+
+    try:
+        from ..tools.fuzz import run_fuzz
+        results, line = run_fuzz(list(targets), seconds, case_seconds, seed, log=lambda m: click.echo(m, err=True))
+    except ModuleNotFoundError as e:
+        if e.name != "hypothesis":
+            raise
+        raise UserError("fuzz needs hypothesis (pip install hypothesis)") from None
+    for r in results:
+        click.echo(json.dumps(r))
+    click.echo(line)
+    if any(r["crashes"] for r in results):
+        raise SystemExit(1)

@@ -436,6 +436,7 @@ def bundles():
         ("processor-files-traversal", m("processor.files", ["../x"]), "plain file name"),
         ("schema-version-2", m("schema_version", 2), "schema version"),
         ("high-precision-unknown", m("decoder.high_precision", ["ghost"]), "ghost"),
+        ("field-unknown", m("decoder.ghost_field", 1), "unknown field 'ghost_field'"),
     ]:
         err(name, "bundle", setup=[*base, edit], cli=BRUN + ["hi"], match=[match])
     for name, setup, match in [
