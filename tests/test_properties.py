@@ -113,6 +113,14 @@ def test_processor_tags_must_match_images(n_images, n_tags, prompt):
     assert n_tags == n_images and len(out.num_image_tokens) == n_images
 
 
+def test_typed_special_tokens_are_read_as_tokens():
+    """What README says the CLI does with special tokens typed in a prompt (the official processor's behaviour): each
+    becomes its token id, not its characters."""
+    tok = PROC.tokenizer
+    ids = PROC.process_prompt(f"a{USER_TOKEN}b{tok.eos_token}<|ref|>c<|/ref|>").input_ids.tolist()
+    assert ids.count(tok.user_id) == 2 and tok.eos_id in ids and tok.ref_id in ids
+
+
 # --- the grounding parser --------------------------------------------------------------------------------------------
 
 PLAIN = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<|"), max_size=30)
