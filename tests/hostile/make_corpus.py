@@ -508,9 +508,42 @@ def processes():
        note="a Latin-1 file name is a valid Linux path")
 
 
+def device_profiles():
+    """A device profile TOML given by path (`--device FILE.toml`): each field of the wrong type or out of range."""
+    good = {"name": '"kiosk"', "description": '"x"', "memory_budget_gb": "12.0", "bandwidth_gbs": "51.2",
+            "compute_capability": '""', "ort_providers": '["CPUExecutionProvider"]', "decoder_backend": '"cpu"',
+            "vision_precision": '"int8"', "max_tiles": "3"}
+
+    def toml(**edits):
+        fields = {**good, **edits}
+        return "".join(f"{k} = {v}\n" for k, v in fields.items() if v is not None)
+
+    cli = [*RUN[:-2], "--device", "{case}/p.toml", "--dtype", "fp32", "hi"]
+    for name, text, match in [
+        ("budget-lots", toml(memory_budget_gb='"lots"'), "memory_budget_gb"),
+        ("budget-nan", toml(memory_budget_gb="nan"), "memory_budget_gb"),
+        ("budget-inf", toml(memory_budget_gb="inf"), "memory_budget_gb"),
+        ("budget-zero", toml(memory_budget_gb="0"), "memory_budget_gb"),
+        ("budget-huge", toml(memory_budget_gb="1e300"), "memory_budget_gb"),
+        ("budget-bool", toml(memory_budget_gb="true"), "memory_budget_gb"),
+        ("max-tiles-0", toml(max_tiles="0"), "max_tiles"), ("max-tiles-float", toml(max_tiles="2.5"), "max_tiles"),
+        ("max-tiles-huge", toml(max_tiles="1000000000"), "max_tiles"),
+        ("backend-gpu", toml(decoder_backend='"gpu"'), "decoder_backend"),
+        ("providers-empty", toml(ort_providers="[]"), "ort_providers"),
+        ("capability-bad", toml(compute_capability='"eight"'), "compute_capability"),
+        ("key-missing", toml(max_tiles=None), "max_tiles"), ("key-misspelt", toml() + "max_tile = 3\n", "max_tile"),
+        ("not-toml", "memory_budget_gb = = 3\n", "not valid TOML"),
+    ]:
+        err(f"profile-{name}", "options", setup=[("write", "p.toml", text)], cli=cli, match=[match])
+    err("profile-not-utf8", "options", setup=[("write_hex", "p.toml", toml().encode().hex() + "23ff0a")], cli=cli,
+        match=["UTF-8"])
+    err("profile-fifo", "options", setup=[("fifo", "p.toml")], cli=cli, match=["FIFO"])
+    ok("profile-file", "options", setup=[("write", "p.toml", toml())], cli=cli)
+
+
 def build() -> list[dict]:
     cases.clear()
-    for make in (run_options, export_options, other_commands, images_and_prompts, api, config_values,
+    for make in (run_options, device_profiles, export_options, other_commands, images_and_prompts, api, config_values,
                  processor_values, checkpoint_files, bundles, processes):
         make()
     ids = [c["id"] for c in cases]
