@@ -22,7 +22,7 @@ from edge_vl2.errors import UserError
 from edge_vl2.inputs.grounding import parse_grounding, strip_grounding
 from edge_vl2.inputs.processor import Processor
 from edge_vl2.inputs.tokenizer import ASSISTANT_TOKEN, USER_TOKEN
-from edge_vl2.tools.fuzz import _paths, manifest_seed, mutate_json
+from edge_vl2.tools.fuzz import json_paths, manifest_seed, mutate_json
 
 # deadline=None: the 2 shared cores make single examples slow at random; function-scoped fixtures are read-only here;
 # no example database (nothing written into the repository).
@@ -178,7 +178,7 @@ def test_grounding_reads_back_what_was_written_also_when_cut_off(answer, size, c
 # --- the bundle manifest reader --------------------------------------------------------------------------------------
 
 SEED = manifest_seed()
-SEED_PATHS = _paths(SEED)
+SEED_PATHS = json_paths(SEED)
 
 
 def _write(folder, text: bytes) -> None:

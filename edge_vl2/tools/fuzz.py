@@ -175,14 +175,15 @@ def _strategies():
     return st, values
 
 
-def _paths(doc, prefix=()) -> list[tuple]:
+def json_paths(doc, prefix=()) -> list[tuple]:
+    """Where a JSON document can be edited: the root and every key and list item (the first 8), as key paths."""
     out = [prefix]
     if isinstance(doc, dict):
         for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
+            out += json_paths(v, (*prefix, k))
     elif isinstance(doc, list):
         for i, v in enumerate(doc[:8]):
-            out += _paths(v, (*prefix, i))
+            out += json_paths(v, (*prefix, i))
     return out
 
 
@@ -270,13 +271,13 @@ def _target(name: str):
     """(seed, its JSON paths, input strategy, the readers that get each input) of one target."""
     if name == "safetensors":
         seeds = [safetensors_seed(quantized=False), safetensors_seed(quantized=True)]
-        paths = [_paths(json.loads(s[8:8 + struct.unpack("<Q", s[:8])[0]])) for s in seeds]
+        paths = [json_paths(json.loads(s[8:8 + struct.unpack("<Q", s[:8])[0]])) for s in seeds]
         return seeds, paths, _safetensors_input, (read_checkpoint_shard, read_bundle_shard)
     if name == "manifest":
         seed = manifest_seed()
-        return seed, _paths(seed), _manifest_input, (read_manifest_text,)
+        return seed, json_paths(seed), _manifest_input, (read_manifest_text,)
     seed = tokenizer_seed()
-    return seed, {k: _paths(json.loads(v)) for k, v in seed.items()}, _tokenizer_input, (read_tokenizer,)
+    return seed, {k: json_paths(json.loads(v)) for k, v in seed.items()}, _tokenizer_input, (read_tokenizer,)
 
 
 def _alarm(signum, frame):
