@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
-from edge_vl2.errors import UserError
+from edge_vl2 import checks
+from edge_vl2.checks import Fields
+from edge_vl2.errors import UserError, one_line
 
 REQUIRED = ("name", "description", "memory_budget_gb", "bandwidth_gbs", "compute_capability", "ort_providers",
             "decoder_backend", "vision_precision", "max_tiles")
@@ -21,6 +23,9 @@ RUNTIME_OVERHEAD_GB = 0.8
 # other half: ORT's arena, the CUDA context, allocator slack), at least half the flat allowance, at most 4 GB (past
 # ~4k-token chunks nothing is gained).
 PREFILL_SHARE, PREFILL_MAX_GB = 0.5, 4.0
+# Sanity limits: no device edge-vl2 targets has more than a few hundred GB, and a tile cap past the processor's
+# largest grid (64 tiles + the global view, edge_vl2.inputs.processor) means nothing.
+MAX_GB, MAX_GRID = 1e4, 64
 
 
 @dataclass(frozen=True)
@@ -37,16 +42,27 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "DeviceProfile":
+        """Every field typed and in range, unknown keys refused (a misspelt key would silently fall back)."""
+        f = Fields(d, source)
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise UserError(f"{source}: device profile lacks {missing[0]!r}")
-        if d["decoder_backend"] not in ("cpu", "cuda") or d["vision_precision"] not in ("fp32", "fp16", "int8"):
-            raise UserError(f"{source}: decoder_backend must be cpu|cuda and vision_precision fp32|fp16|int8")
-        return cls(name=str(d["name"]), description=str(d["description"]),
-                   memory_budget_gb=float(d["memory_budget_gb"]), bandwidth_gbs=float(d["bandwidth_gbs"]),
-                   compute_capability=str(d["compute_capability"]), ort_providers=tuple(d["ort_providers"]),
-                   decoder_backend=d["decoder_backend"], vision_precision=d["vision_precision"],
-                   max_tiles=int(d["max_tiles"]))
+        unknown = sorted(set(d) - set(REQUIRED))
+        if unknown:
+            raise UserError(f"{source}: unknown device profile key {unknown[0]!r}; the keys are {', '.join(REQUIRED)}")
+        providers = f.raw("ort_providers")
+        if not isinstance(providers, list) or not providers or not all(isinstance(p, str) and p for p in providers):
+            raise UserError(f"{f.name('ort_providers')} must be a non-empty list of provider names, got "
+                            f"{checks.show(providers)}")
+        capability = f.str("compute_capability")
+        if capability and not re.fullmatch(r"\d+\.\d+", capability):
+            raise UserError(f"{f.name('compute_capability')} must be \"\" (no GPU) or like \"8.7\", got {capability!r}")
+        return cls(name=f.str("name", nonempty=True), description=f.str("description"),
+                   memory_budget_gb=f.float("memory_budget_gb", 0, MAX_GB, lo_open=True),
+                   bandwidth_gbs=f.float("bandwidth_gbs", 0, 1e5, lo_open=True), compute_capability=capability,
+                   ort_providers=tuple(providers), decoder_backend=f.str("decoder_backend", options=("cpu", "cuda")),
+                   vision_precision=f.str("vision_precision", options=("fp32", "fp16", "int8")),
+                   max_tiles=f.int("max_tiles", 2, 1 + MAX_GRID))
 
     def decode_roofline_tok_s(self, bytes_per_token: float) -> float:
         """Upper bound on decode speed: bandwidth / bytes read per generated token."""
@@ -63,18 +79,25 @@ def available_devices() -> list[str]:
 
 def load_device(name_or_path: str) -> DeviceProfile:
     """A shipped profile by name (e.g. `orin-nx-16gb`) or a path to a TOML file of the same form."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
-        text, source = path.read_text(), str(path)
+    checks.text(name_or_path, "device profile", nonempty=True)
+    if name_or_path.endswith(".toml"):
+        text, source = checks.read_text(name_or_path, "device profile", 1 << 20), name_or_path
     else:
-        entry = _profile_dir() / f"{name_or_path}.toml"
-        if not entry.is_file():
-            raise UserError(f"unknown device {name_or_path!r}; known: {', '.join(available_devices())}")
-        text, source = entry.read_text(), f"{name_or_path}.toml"
+        if name_or_path not in available_devices():
+            raise UserError(f"unknown device {name_or_path!r}; known: {', '.join(available_devices())} "
+                            "(or a path to a .toml file)")
+        text, source = (_profile_dir() / f"{name_or_path}.toml").read_text(), f"{name_or_path}.toml"
     try:
         return DeviceProfile.from_dict(tomllib.loads(text), source)
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source}: not valid TOML ({e})") from None
+        raise UserError(f"{source}: not valid TOML ({one_line(e)})") from None
+
+
+def as_profile(value) -> DeviceProfile | None:
+    """What an API caller may pass as a device profile: None, a DeviceProfile, a shipped name or a .toml path."""
+    if value is None or isinstance(value, DeviceProfile):
+        return value
+    return load_device(value)
 
 
 def check_fit(device: DeviceProfile, weight_bytes: int, cache_bytes: int, what: str) -> float:

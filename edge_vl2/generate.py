@@ -7,11 +7,15 @@ from typing import Iterator
 
 import torch
 
+from . import checks
 from .decode_graph import DecodeStep
 from .errors import UserError
 from .model.cache import StaticCache
 from .model.config import LanguageConfig
 from .model.decoder import LanguageModel
+
+MIN_SCALE = 1e-4  # smallest positive temperature / repetition penalty: logits divided by it stay finite in fp32
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise UserError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise UserError("sampling: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        """Checked once here (the API boundary; the CLI's option types give the same ranges). A temperature or
+        penalty under 1e-4 could overflow fp32 logits, so positive values start there (0 = greedy)."""
+        checks.integer(self.max_new_tokens, "max_new_tokens", lo=1)
+        if 0 < checks.number(self.temperature, "temperature", lo=0) < MIN_SCALE:
+            raise UserError(f"temperature must be 0 (greedy) or >= {MIN_SCALE}, got {self.temperature!r}")
+        checks.number(self.top_p, "top_p", lo=0, hi=1, lo_open=True)
+        checks.integer(self.top_k, "top_k", lo=0)
+        checks.number(self.repetition_penalty, "repetition_penalty", lo=MIN_SCALE)
+        if self.seed is not None:
+            checks.integer(self.seed, "seed", lo=0, hi=MAX_SEED)
 
 
 def plan_cache(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:

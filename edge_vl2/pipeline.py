@@ -17,9 +17,11 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import checks
 from .cuda_memory import cap_cuda_memory
-from .devices.profiles import DeviceProfile, check_fit, load_device, prefill_budget
+from .devices.profiles import DeviceProfile, as_profile, check_fit, prefill_budget
 from .dtypes import resolve_dtypes
+from .errors import UserError
 from .generate import SamplingParams, generate_tokens
 from .inputs.grounding import parse_grounding
 from .inputs.processor import Processor, ProcessorOutput
@@ -51,6 +53,10 @@ class VL2Pipeline:
         on_cuda = model.image_newline.device.type == "cuda"
         self.cuda_graphs = cuda_graphs and on_cuda  # elsewhere the dynamic-shape decode is the faster eager path
         self.prefill_budget = prefill_budget
+        vocab = model.cfg.language.vocab_size
+        if len(self.tokenizer) > vocab:  # ids past the embedding would fail inside the first forward pass
+            raise UserError(f"{self.tokenizer.source}: {len(self.tokenizer)} tokens, more than the model's {vocab} "
+                            "embedding rows")
 
     @classmethod
     def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu",
@@ -59,10 +65,12 @@ class VL2Pipeline:
         """Reference mode: `model` is a local checkpoint folder in the official layout, or a Hub id (downloaded where
         a network exists). With `device_profile`, a model that cannot fit it is refused from its headers first.
         `memory_cap_gb` caps PyTorch's CUDA memory before anything loads (edge_vl2.cuda_memory)."""
+        device = checks.torch_device(device)
         decoder_dtype, vision_dtype = resolve_dtypes(dtype, device)
         budget = None
-        if device_profile is not None:
-            budget = _check_reference_fit(model, device_profile, decoder_dtype, vision_dtype)
+        profile = as_profile(device_profile)
+        if profile is not None:
+            budget = _check_reference_fit(model, profile, decoder_dtype, vision_dtype)
         if memory_cap_gb is not None:
             cap_cuda_memory(memory_cap_gb, device)
         vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
@@ -93,6 +101,8 @@ class VL2Pipeline:
 
     def embeddings(self, inputs: ProcessorOutput) -> torch.Tensor:
         """[T, H] decoder inputs: token embeddings with the image vectors in the `<image>` positions."""
+        if not isinstance(inputs, ProcessorOutput):
+            raise UserError(f"inputs must be the ProcessorOutput of prepare(), got {checks.show(inputs)}")
         device = self.model.image_newline.device
         pixels = inputs.pixel_values
         tiles = self.tile_encoder(pixels).to(device=device, dtype=self.model.dtype) if pixels.shape[0] else None
@@ -108,6 +118,8 @@ class VL2Pipeline:
     def tokens(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams(),
                timings: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(token id, logits) pairs as they are generated; stops on eos, max_new_tokens or the context end."""
+        if not isinstance(sampling, SamplingParams):
+            raise UserError(f"sampling must be a SamplingParams, got {checks.show(sampling)}")
         t0 = time.perf_counter()
         embeds = self.embeddings(inputs)
         if timings is not None:
@@ -152,14 +164,13 @@ class VL2Pipeline:
         return parse_grounding(text, inputs.image_sizes[-1] if inputs.image_sizes else None)
 
 
-def _check_reference_fit(model: str | Path, device_profile: str | DeviceProfile, decoder_dtype: torch.dtype,
+def _check_reference_fit(model: str | Path, profile: DeviceProfile, decoder_dtype: torch.dtype,
                          vision_dtype: torch.dtype) -> int:
     """Refuse, from the checkpoint's headers alone, a model whose weights in the dtypes it would run in plus a
     full-context cache exceed the profile's budget; returns the prefill's activation budget in bytes."""
     from .model.cache import cache_bytes
     from .model.checkpoint import open_checkpoint
 
-    profile = load_device(device_profile) if isinstance(device_profile, str) else device_profile
     _, cfg, _ = open_checkpoint(model)
     with torch.device("meta"):
         vl2 = DeepseekVL2(cfg)

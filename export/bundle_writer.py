@@ -30,11 +30,11 @@ from typing import Callable
 
 import torch
 
-from edge_vl2 import __version__
+from edge_vl2 import __version__, checks
 from edge_vl2.bundle.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, Manifest
 from edge_vl2.bundle.reader import sha256_file
 from edge_vl2.devices.profiles import check_fit, load_device
-from edge_vl2.errors import UserError
+from edge_vl2.errors import UserError, one_line
 from edge_vl2.export import toolchain
 from edge_vl2.inputs.processor import Processor
 from edge_vl2.model.cache import cache_bytes
@@ -81,12 +81,12 @@ def resolve_recipe(name: str) -> Recipe:
     if name in PRESETS:
         return preset(name)
     path = Path(name)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--recipe {name}: not one of {', '.join(PRESETS)} and not a recipe JSON file")
     try:
-        return Recipe.from_json(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a valid recipe ({e})") from None
+        return Recipe.from_dict(checks.read_json(path, "recipe file", 1 << 24))
+    except ValueError as e:
+        raise UserError(f"{path}: not a valid recipe ({one_line(e)})") from None
 
 
 # --- staging ------------------------------------------------------------------------------------------------------
@@ -190,14 +190,14 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> Man
     """Write the bundle `opts.out` from `opts.model`; returns its manifest. Nothing is left at `opts.out` (or beside
     it) unless the whole export succeeded."""
     t_start = time.perf_counter()
+    _check_options(opts)
     out = Path(opts.out).expanduser()
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise UserError(f"{out}: already exists; choose a new folder (a bundle is never overwritten)")
-    plan = plan_export(opts, log)
     clean_stale_staging(out, log)
-    stage = staging_dir(out)
+    stage, made = _make_stage(out)  # first, so an --out that cannot be written fails before any work
     try:
-        stage.mkdir(parents=True)
+        plan = plan_export(opts, log)
         manifest = replace(_write(opts, plan, stage, log), export={
             "seconds": round(time.perf_counter() - t_start, 1), "estimated_bytes": plan.estimate,
             "planned_peak_bytes": plan.memory["peak"], "memory_plan": plan.memory, "peak_rss_bytes": peak_rss_bytes(),
@@ -209,8 +209,10 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> Man
         if out.exists():
             raise UserError(f"{out}: appeared while exporting; the new bundle is not published")
         os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, permissions, a folder removed under us: the user's to fix
+            raise UserError(f"{out}: export failed: {e.strerror or e} ({e.filename or 'no file name'})") from None
         raise
     total = manifest.file_bytes(manifest.files)
     log(f"wrote {out}: {total / GB:.3f} GB (estimated {plan.estimate / GB:.3f} GB), peak RSS "
@@ -219,30 +221,54 @@ def export_bundle(opts: ExportOptions, log: Callable[[str], None] = _say) -> Man
     return manifest
 
 
+def _make_stage(out: Path) -> tuple[Path, Path]:
+    """Create the staging folder (and OUT's missing parents); returns it and the topmost folder made, which an error
+    removes whole."""
+    made = staging_dir(out)
+    while not made.parent.exists() and made.parent != made.parent.parent:
+        made = made.parent
+    try:
+        staging_dir(out).mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the bundle folder there ({e.strerror})") from None
+    return staging_dir(out), made
+
+
 def _check_options(opts: ExportOptions) -> None:
-    if opts.method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
-    if opts.fidelity_samples < 0 or opts.calib_samples < 1 or opts.shard_gb <= 0:
-        raise UserError("--fidelity-samples must be >= 0, --calib-samples >= 1 and --shard-gb > 0")
-    if opts.vision_recipe is not None and opts.vision_recipe not in VISION_RECIPES:
-        raise UserError(f"--vision-recipe must be one of {', '.join(VISION_RECIPES)}, got {opts.vision_recipe!r}")
-    if opts.calib_dir is not None and not Path(opts.calib_dir).is_dir():
+    """ExportOptions from an API caller, checked like the CLI's option types check them."""
+    checks.path_arg(opts.out, "out")
+    checks.path_arg(opts.model, "model")
+    checks.text(opts.recipe, "recipe", nonempty=True)
+    checks.choice(opts.method, "method", METHODS)
+    checks.choice(opts.mode, "mode", ("routed", "all-tokens", "blend"))
+    checks.integer(opts.fidelity_samples, "fidelity_samples", 0)
+    checks.integer(opts.calib_samples, "calib_samples", 1)
+    checks.integer(opts.max_tiles, "max_tiles", 1)
+    checks.number(opts.shard_gb, "shard_gb", 0.001)
+    checks.number(opts.int8_share, "int8_share", 0, 1)
+    if opts.max_memory_gb is not None:
+        checks.number(opts.max_memory_gb, "max_memory_gb", 0, lo_open=True)
+    if opts.vision is not None and (not isinstance(opts.vision, (tuple, list)) or not opts.vision
+                                    or len(set(opts.vision)) < len(opts.vision)
+                                    or not set(opts.vision) <= set(VISION_PRECISIONS)):
+        raise UserError(f"vision must be one or more of {', '.join(VISION_PRECISIONS)}, each once, got "
+                        f"{checks.show(opts.vision)}")
+    if opts.vision_recipe is not None:
+        checks.choice(opts.vision_recipe, "vision_recipe", VISION_RECIPES)
+    if opts.device is not None:
+        checks.text(opts.device, "device", nonempty=True)
+    if opts.calib_dir is not None and not checks.path_arg(opts.calib_dir, "calib_dir").is_dir():
         raise UserError(f"--calib-dir {opts.calib_dir}: no such folder")
-    if opts.recipe == "mixed" and (opts.method != "gptq" or not 0 <= opts.int8_share <= 1):
-        raise UserError("recipe mixed chooses INT8 experts from calibration data: it needs --method gptq and "
-                        "0 <= --int8-share <= 1")
+    if opts.recipe == "mixed" and opts.method != "gptq":
+        raise UserError("recipe mixed chooses INT8 experts from calibration data: it needs --method gptq")
 
 
 def plan_export(opts: ExportOptions, log: Callable[[str], None]) -> ExportPlan:
     """Stage 1, from headers only: what will be written, how big, how much memory each stage needs; refused here
     (nothing written) when the memory plan exceeds what the machine has, or `--device` cannot fit the bundle."""
-    _check_options(opts)
     recipe = resolve_recipe(opts.recipe)
     profile = load_device(opts.device) if opts.device else None
     precisions = list(opts.vision or [profile.vision_precision if profile else DEFAULT_VISION])
-    if not precisions or len(set(precisions)) < len(precisions) or not set(precisions) <= set(VISION_PRECISIONS):
-        raise UserError(f"--vision {','.join(precisions)}: give one or more of {', '.join(VISION_PRECISIONS)}, "
-                        "each once")
     method = opts.method if any(v is not None for v in recipe.to_dict()["modules"].values()) else "none"
     model_dir, cfg, ckpt = open_checkpoint(opts.model)
     processor = Processor.from_pretrained(model_dir)  # a broken tokenizer fails now, not after the decoder

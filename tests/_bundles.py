@@ -59,3 +59,16 @@ def small_mixed_bundle(tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
 def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def small_int4_bundle(tmp_path_factory) -> Path:
+    """Small (MLA), int4 preset, streamed RTN, the default fp16 vision graph, fidelity skipped: the export whose
+    narrow weights (kv_a_proj_with_mqa: out 40, INT4 g64) the packed cpu ops refuse; made with the Python API."""
+    if "small-int4" not in _cache:
+        from edge_vl2.export.bundle_writer import ExportOptions, export_bundle
+
+        out = tmp_path_factory.mktemp("bundle") / "small-int4"
+        export_bundle(ExportOptions(model=str(checkpoint(tmp_path_factory, "small")), out=str(out), recipe="int4",
+                                    method="rtn", fidelity_samples=0), log=lambda _m: None)
+        _cache["small-int4"] = out
+    return _cache["small-int4"]

@@ -15,9 +15,10 @@ import torch
 from edge_vl2.bundle.manifest import canonical_json, manifest_digest
 from edge_vl2.bundle.reader import mmap_tensors, open_bundle, sha256_file
 from edge_vl2.errors import UserError
+from edge_vl2.generate import SamplingParams
 from edge_vl2.pipeline import VL2Pipeline
 
-from _bundles import checkpoint, cli, copy_bundle, small_mixed_bundle, tiny_rtn_bundle
+from _bundles import checkpoint, cli, copy_bundle, small_int4_bundle, small_mixed_bundle, tiny_rtn_bundle
 from conftest import IMAGES
 
 PHOTO = IMAGES / "monday.jpg"  # tiled: global view + local grid
@@ -86,6 +87,27 @@ def test_cpu_backend_within_bf16_rounding(reference):
         assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
 
 
+def test_small_int4_export_runs_on_the_default_backend(tmp_path_factory, capfd):
+    """What export writes for Small INT4 includes narrow weights the packed cpu INT4 op refuses (kv_a_proj_with_mqa is
+    [40, 64] at INT4 g64: 40 output rows); the default backend (cpu on this machine) still runs the whole bundle, and
+    its logits are the reference backend's (fp32 dequantize) within the bf16 bounds of the Tiny test above."""
+    bundle = small_int4_bundle(tmp_path_factory)
+    narrow = open_bundle(bundle).manifest.decoder.quantized["language.model.layers.0.self_attn.kv_a_proj_with_mqa"]
+    assert (narrow.bits, narrow.group_size, narrow.shape) == (4, 64, [40, 64])
+    deployed = VL2Pipeline.from_bundle(bundle)  # no backend, no profile: the default
+    assert "decoder backend cpu" in capfd.readouterr().err
+    oracle = VL2Pipeline.from_bundle(bundle, backend="reference", dtype="fp32")
+    from PIL import Image
+
+    image = Image.open(PHOTO).convert("RGB").resize((384, 384))
+    for inputs in (deployed.prepare("Describe this picture in detail."), deployed.prepare("<image>\nWhat is it?",
+                                                                                          [image])):
+        got, want = deployed.prompt_logits(inputs), oracle.prompt_logits(inputs)
+        assert _rel(got, want) <= 0.06
+        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+    assert deployed.generate(deployed.prepare("hi"), SamplingParams(max_new_tokens=3)).token_ids
+
+
 # --- the CLI round trips ----------------------------------------------------------------------------------------------
 
 RUNTIME_CHECK = """
@@ -147,7 +169,7 @@ def test_device_that_cannot_fit_is_refused_before_loading(tmp_path_factory, tmp_
     toml = tmp_path / "small-device.toml"
     toml.write_text('name = "small-device"\ndescription = "test"\nmemory_budget_gb = 0.5\nbandwidth_gbs = 1.0\n'
                     'compute_capability = ""\nort_providers = ["CPUExecutionProvider"]\ndecoder_backend = "cpu"\n'
-                    'vision_precision = "fp32"\nmax_tiles = 1\n')
+                    'vision_precision = "fp32"\nmax_tiles = 2\n')
     proc = cli("run", "--bundle", bundle, "--device", toml, "hi")
     assert_one_line_error(proc, "needs about", "small-device has a budget of 0.5 GB")
 
@@ -234,5 +256,6 @@ def test_mismatches_are_refused_naming_what_is_wrong(damaged):
     with pytest.raises(UserError, match="schema version 2"):
         open_bundle(damaged)
     _rewrite_manifest(damaged, lambda m: m.update(schema_version=1, decoder={**m["decoder"], "files": []}))
-    with pytest.raises(UserError, match="in no file"):
+    with pytest.raises(UserError, match="decoder.files must list"):
         open_bundle(damaged)
+

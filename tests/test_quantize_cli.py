@@ -72,7 +72,7 @@ def test_single_configuration_with_user_images(tmp_path):
     (["--compare", "rtn-int4,,int8"], ["empty entry"]),
     (["--compare", "int8,int8"], ["repeated"]),
     (["--calib-dir", "/nonexistent/images"], ["/nonexistent/images", "not a directory"]),
-    (["--calib-samples", "0"], ["--calib-samples must be > 0"]),
+    (["--calib-samples", "0"], ["--calib-samples", "0 is not in the range x>=1"]),
     (["--recipe", "missing.json"], ["missing.json", "cannot read"]),
     (["--mixed-budget", "lots", "--recipe", "mixed"], ["--mixed-budget", "lots"]),
 ])

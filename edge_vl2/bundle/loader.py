@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..devices.profiles import DeviceProfile, check_fit, load_device, prefill_budget
+from .. import checks
+from ..devices.profiles import DeviceProfile, as_profile, check_fit, prefill_budget
 from ..dtypes import TORCH_DTYPES
 from ..errors import UserError
 from ..inputs.processor import Processor
@@ -140,10 +141,11 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     """
     from .vision_ort import OrtVisionRunner
 
-    if dtype not in BUNDLE_DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(BUNDLE_DTYPES)}, got {dtype!r}")
-    profile = load_device(device_profile) if isinstance(device_profile, str) else device_profile
-    bundle = open_bundle(path, verify=verify)
+    checks.choice(dtype, "dtype", BUNDLE_DTYPES)
+    if backend is not None:
+        checks.text(backend, "backend")
+    profile = as_profile(device_profile)
+    bundle = open_bundle(path, verify=checks.boolean(verify, "verify"))
     m = bundle.manifest
     graph = choose_vision(bundle, profile)
     budget = None
@@ -158,6 +160,10 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     runner = OrtVisionRunner(bundle.path / graph.file, providers=choose_providers(profile), output_device=device)
     if runner.cpu_problem:  # before the decoder is read: a refusal costs nothing
         raise UserError(runner.cpu_problem)
+    want = (bundle.config.projector.n_embed, bundle.config.vision.image_size)
+    if (runner.hidden, runner.tile_shape[-1]) != want:
+        raise UserError(f"{bundle.path / graph.file}: the graph maps {runner.tile_shape[-1]} px tiles to "
+                        f"{runner.hidden} values, the bundle's config {want[1]} px to {want[0]}")
     model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
     processor = Processor.from_pretrained(bundle.path)
     capped = profile is not None and processor.max_tiles() > profile.max_tiles

@@ -1,8 +1,9 @@
 """Bundle schema v1 as types: the export writes a `Manifest`, the runtime reads one, nobody indexes raw JSON.
 
-`Manifest.from_json` checks the type of every field it declares (a list where an object belongs, a string where a
-count belongs, a missing key) and says which field is wrong, so a hand-edited or damaged manifest is one clear line,
-never an AttributeError later. Field by field: docs/bundle-format.md. Free-form records that only people read
+`Manifest.from_dict` checks the type of every field it declares (a list where an object belongs, a string where a
+count belongs, a missing key) and then what the values mean (`check_manifest`: ranges, file names, the dtype and shape
+every quantized or high-precision tensor must have, the config and processor settings), and says which field is
+wrong, so a hand-edited or damaged manifest is one clear line, never an AttributeError later. Field by field: docs/bundle-format.md. Free-form records that only people read
 (`config` is the checkpoint's own config.json; recipe, fidelity, export figures) stay JSON objects.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 
+from .. import checks
 from ..errors import UserError
 
 SCHEMA = "edge-vl2-bundle"
@@ -131,7 +134,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
-        return _build(cls, d, where, "manifest")
+        """Typed (every field's JSON type) and then checked for meaning (`check_manifest`)."""
+        manifest = _build(cls, d, where, "manifest")
+        check_manifest(manifest, where)
+        return manifest
 
     # -- what the runtime asks ------------------------------------------------------------------------------------
 
@@ -190,6 +196,10 @@ def _build(tp, value, where: str, path: str):
         if not isinstance(value, dict):
             raise _wrong(where, path, "an object", value)
         hints = typing.get_type_hints(tp)
+        unknown = sorted(set(value) - set(hints), key=str)
+        if unknown:  # sealed schema version: a field this runtime does not know would be silently dropped
+            raise UserError(f"{where}: {path} has an unknown field {unknown[0]!r} (schema version {SCHEMA_VERSION} "
+                            "has no such field)")
         kwargs = {}
         for f in fields(tp):
             if f.name not in value:
@@ -220,3 +230,112 @@ def _build(tp, value, where: str, path: str):
 def _wrong(where: str, path: str, expected: str, value) -> UserError:
     got = "null" if value is None else _JSON_NAMES.get(type(value), type(value).__name__)
     return UserError(f"{where}: {path} must be {expected}, got {got}")
+
+
+# --- what the values mean -----------------------------------------------------------------------------------------
+
+VARIANTS = ("tiny", "small", "base")
+PRECISIONS = ("fp32", "fp16", "int8")
+TENSOR_CODES = ("BF16", "F16", "F32", "U8", "I8", "I32", "I64")  # edge_vl2.dtypes.SAFETENSORS_DTYPES
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(m: Manifest, where: str) -> None:
+    """Beyond types: every value in range, every file name a bare name in the folder, and every decoder tensor the
+    dtype and shape its role requires (quantized codes U8 / I8, fp16 scales, bf16 for the rest)."""
+    from ..inputs.processor import ProcessorConfig
+    from ..model.config import VL2Config
+
+    checks.choice(m.variant, f"{where}: variant", VARIANTS)
+    variant = VL2Config.from_dict(m.config, f"{where}: config").variant
+    if variant != m.variant:
+        raise UserError(f"{where}: variant {m.variant!r} but its config is a {variant} model")
+    ids = {k: checks.integer(getattr(m.tokens, k), f"{where}: tokens.{k}", 0) for k in ("bos", "eos", "pad", "image")}
+    if len(set(ids.values())) < len(ids):
+        raise UserError(f"{where}: tokens {ids} must be four different ids")
+    ProcessorConfig.from_dict(m.processor.config, f"{where}: processor.config")
+    checks.choice(m.processor.template, f"{where}: processor.template", ("deepseek",))
+    for name, entry in m.files.items():
+        _bare_name(name, where, "files")
+        checks.integer(entry.bytes, f"{where}: files.{name}.bytes", 0)
+        if not _SHA256.fullmatch(entry.sha256):
+            raise UserError(f"{where}: files.{name}.sha256 must be 64 lowercase hex digits, got "
+                            f"{checks.show(entry.sha256)}")
+    for name in m.processor.files:
+        _bare_name(name, where, "processor.files")
+    _check_vision(m, where)
+    _check_decoder(m, where)
+
+
+def _bare_name(name: str, where: str, field_: str) -> None:
+    if not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"{where}: {field_} entry {checks.show(name)} is not a plain file name in the bundle")
+
+
+def _check_vision(m: Manifest, where: str) -> None:
+    if not m.vision.graphs:
+        raise UserError(f"{where}: vision.graphs lists no vision graph")
+    seen = set()
+    for i, g in enumerate(m.vision.graphs):
+        at = f"{where}: vision.graphs[{i}]"
+        checks.choice(g.precision, f"{at}.precision", PRECISIONS)
+        if g.precision in seen:
+            raise UserError(f"{at}: a second {g.precision} graph")
+        seen.add(g.precision)
+        if not g.files or g.files[0] != g.file:
+            raise UserError(f"{at}: files must list the graph {g.file!r} first")
+        for name in g.files:
+            _bare_name(name, where, f"vision.graphs[{i}].files")
+        checks.integer(g.opset, f"{at}.opset", 1, 1000)
+        checks.integer(g.bytes, f"{at}.bytes", 0)
+
+
+def _check_decoder(m: Manifest, where: str) -> None:
+    d = m.decoder
+    if not d.files or len(set(d.files)) < len(d.files):
+        raise UserError(f"{where}: decoder.files must list each decoder file once")
+    for name in d.files:
+        _bare_name(name, where, "decoder.files")
+    checks.choice(d.dtype, f"{where}: decoder.dtype", ("bf16",))
+    for name, t in d.tensors.items():
+        checks.choice(t.dtype, f"{where}: decoder.tensors.{name}.dtype", TENSOR_CODES)
+        for n in t.shape:
+            checks.integer(n, f"{where}: decoder.tensors.{name}.shape", 0, 1 << 31)
+    expected = {name: ("BF16", None) for name in d.high_precision}
+    for prefix, q in d.quantized.items():
+        expected.update(_quantized_tensors(prefix, q, f"{where}: decoder.quantized.{prefix}"))
+    for name, (dtype, shape) in expected.items():
+        t = d.tensors.get(name)
+        if t is None:
+            raise UserError(f"{where}: decoder tensor {name!r} is implied by decoder.quantized / high_precision but "
+                            "not in decoder.tensors")
+        if t.dtype != dtype or (shape is not None and t.shape != shape):
+            raise UserError(f"{where}: decoder tensor {name!r} is {t.dtype} {t.shape}, its role needs {dtype}"
+                            f"{'' if shape is None else ' ' + str(shape)}")
+    extra = sorted(set(d.tensors) - set(expected))
+    if extra:
+        raise UserError(f"{where}: decoder tensor {extra[0]!r} is neither quantized nor high precision")
+
+
+def _quantized_tensors(prefix: str, q: QuantEntry, at: str) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a quantized weight is stored as (docs/bundle-format.md: INT4 / INT8 layout): name -> dtype, shape."""
+    checks.text(q.param, f"{at}.param", nonempty=True)
+    if q.bits not in (4, 8):
+        raise UserError(f"{at}.bits must be 4 or 8, got {q.bits}")
+    if len(q.shape) not in (2, 3):
+        raise UserError(f"{at}.shape must be [out, in] or [experts, out, in], got {q.shape}")
+    *lead, out, cols = (checks.integer(n, f"{at}.shape", 1, 1 << 20) for n in q.shape)
+    g = q.group_size
+    if q.bits == 4:
+        if g is None or checks.integer(g, f"{at}.group_size", 2) % 2 or cols % g:
+            raise UserError(f"{at}: INT4 needs an even group_size dividing the {cols} input columns, got {g}")
+        groups = cols // g
+        found = {"qweight": ("U8", [*lead, out, groups, g // 2]), "scales": ("F16", [*lead, out, groups])}
+        if not checks.boolean(q.symmetric, f"{at}.symmetric"):
+            found["zeros"] = ("U8", [*lead, out, (groups + 1) // 2])
+    else:
+        if not q.symmetric or (g is not None and (checks.integer(g, f"{at}.group_size", 1) > cols or cols % g)):
+            raise UserError(f"{at}: INT8 is symmetric with no group_size or one dividing {cols}")
+        per_group = [] if g is None else [cols // g]
+        found = {"qweight": ("I8", [*lead, out, cols]), "scales": ("F16", [*lead, out, *per_group])}
+    return {f"{prefix}.{k}": v for k, v in found.items()}

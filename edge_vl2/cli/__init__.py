@@ -6,14 +6,15 @@ from __future__ import annotations
 import click
 
 from . import export, quantize, run, tools
+from .common import OneLineGroup
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 @click.version_option(package_name="edge-vl2")
 def main():
     """DeepSeek-VL2 Tiny/Small on a 16 GB GPU, a Jetson Orin or a CPU-only PC, offline."""
 
 
 for command in (run.run, export.export, export.inspect, quantize.quantize, tools.synth, tools.bench,
-                tools.vision_bench, tools.qbench):
+                tools.vision_bench, tools.qbench, tools.fuzz):
     main.add_command(command)

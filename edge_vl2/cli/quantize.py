@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
+from . import types
 from .common import one_line_errors
 
 
@@ -18,11 +19,12 @@ from .common import one_line_errors
 @click.option("--compare", "compare_", default=None,
               help="Several configurations, reference computed once: [rtn-|gptq-]RECIPE[-HESSIANS],... "
                    "e.g. rtn-int4,gptq-int4,gptq-int8,mixed (overrides --recipe).")
-@click.option("--calib-samples", default=32, show_default=True, type=int, help="Calibration samples.")
+@click.option("--calib-samples", default=32, show_default=True, type=types.POSITIVE, help="Calibration samples.")
 @click.option("--calib-dir", default=None, help="Calibrate on the images of this folder instead of rendered ones.")
-@click.option("--eval", "eval_", default=8, show_default=True, type=int,
+@click.option("--eval", "eval_", default=8, show_default=True, type=types.COUNT,
               help="Held-out evaluation samples (rendered, another seed); 0 skips the fidelity figures.")
-@click.option("--max-tokens", default=768, show_default=True, type=int, help="Tokens per sequence, both sets.")
+@click.option("--max-tokens", default=768, show_default=True, type=click.IntRange(16),
+              help="Tokens per sequence, both sets.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="Decoder dtype of the full-precision reference.")
 @click.option("--mixed-budget", default="int4-g32", show_default=True,
@@ -52,8 +54,6 @@ def quantize(model, recipe, method, hessians, compare_, calib_samples, calib_dir
             raise UserError(f"--report {report}: cannot create {folder} ({e.strerror})") from None
 
     configs = parse_configs(compare_ or f"{method}-{recipe}-{hessians}", method, hessians)
-    if calib_samples < 0 or eval_ < 0 or max_tokens < 16:
-        raise UserError("--calib-samples and --eval must be >= 0 and --max-tokens >= 16")
     opts = QuantizeOptions(model, configs, calib=calib_samples, calib_dir=calib_dir, eval=eval_, max_tokens=max_tokens,
                            dtype=dtype, mixed_budget=mixed_budget, progress=lambda m: click.echo(m, err=True))
     result = run_quantize(opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
+from . import types
 from .common import one_line_errors
 
 
@@ -13,12 +14,15 @@ from .common import one_line_errors
 @click.option("--bundle", default=None, type=click.Path(), help="A bundle folder written by `edge-vl2 export`.")
 @click.option("--image", "images", multiple=True, help="An image file; repeat for several, in <image> tag order.")
 @click.option("--system", default=None, help="System text placed before the first turn.")
-@click.option("--max-new-tokens", default=512, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int)
+@click.option("--max-new-tokens", default=512, show_default=True, type=types.POSITIVE)
+@click.option("--temperature", default=0.0, show_default=True, type=types.SamplingScale(zero_ok=True),
+              help="0 = greedy; else at least 1e-4.")
+@click.option("--top-p", default=1.0, show_default=True, type=types.TOP_P)
+@click.option("--top-k", default=0, show_default=True, type=types.COUNT, help="0 = off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              type=types.SamplingScale(zero_ok=False),
+              help="1 = off; at least 1e-4.")
+@click.option("--seed", default=None, type=types.SEED)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,
               help="Bundles: auto = bf16; fp32 for reference comparisons.")
 @click.option("--device", "device_profile", default=None,
@@ -29,11 +33,12 @@ from .common import one_line_errors
 @click.option("--skip-verify", is_flag=True,
               help="Bundle: skip the sha256 pass over its files (startup time); sizes, tensor shapes and the "
                    "manifest are still checked.")
-@click.option("--torch-device", default="cpu", show_default=True, help="Reference mode (--model): torch device.")
+@click.option("--torch-device", default="cpu", show_default=True, type=types.TorchDevice(),
+              help="Reference mode (--model): cpu, cuda or cuda:N.")
 @click.option("--cuda-graphs", type=click.Choice(["on", "off"]), default="off", show_default=True,
               help="Decode through a step captured in a CUDA graph (decoder on CUDA, quantized experts; else it "
                    "decodes eagerly and --stats says why).")
-@click.option("--memory-cap-gb", type=float, default=None,
+@click.option("--memory-cap-gb", type=types.POSITIVE_FLOAT, default=None,
               help="Cap PyTorch's CUDA memory at this many GB (10^9 bytes) before loading: a bigger GPU then proves "
                    "the fit of a smaller one (an out-of-memory error past it).")
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")

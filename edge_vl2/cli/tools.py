@@ -1,10 +1,11 @@
-"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench` and `qbench`."""
+"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench` and `fuzz`."""
 
 from __future__ import annotations
 
 import click
 
 from ..errors import UserError
+from . import types
 from .common import one_line_errors
 
 
@@ -13,7 +14,7 @@ from .common import one_line_errors
 @click.option("--size", type=click.Choice(["test", "full"]), default="test", show_default=True,
               help="test: tiny dimensions, real vocabulary and layout; full: the real dimensions.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=types.SEED)
 @one_line_errors
 def synth(variant, size, out, seed):
     """Write a synthetic checkpoint in the exact official layout (random, trained-looking weights)."""
@@ -29,11 +30,13 @@ def synth(variant, size, out, seed):
 
 @click.command()
 @click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
-@click.option("--dtypes", default="fp32,bf16", show_default=True, help="Comma-separated; the first is the baseline.")
-@click.option("--prompt-tokens", default=128, show_default=True, type=int, help="Text tokens in the prompt.")
-@click.option("--new-tokens", default=32, show_default=True, type=int, help="Decode steps to time (median).")
+@click.option("--dtypes", default="fp32,bf16", show_default=True, type=types.CommaChoice(types.DTYPES),
+              help="Comma-separated; the first is the baseline.")
+@click.option("--prompt-tokens", default=128, show_default=True, type=types.POSITIVE, help="Text tokens in the prompt.")
+@click.option("--new-tokens", default=32, show_default=True, type=types.POSITIVE, help="Decode steps to time (median).")
 @click.option("--image", default=None, help="Add one image (its tiles and image tokens) to the prompt.")
-@click.option("--torch-device", default="cpu", show_default=True, help="torch device of the decoder (cpu, cuda).")
+@click.option("--torch-device", default="cpu", show_default=True, type=types.TorchDevice(),
+              help="torch device of the decoder (cpu, cuda, cuda:N).")
 @one_line_errors
 def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
     """Time loading, vision, prefill and decode per dtype in one run; one JSON record per line, ratios to the first."""
@@ -43,7 +46,7 @@ def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
     from ..tools.bench import run_all
 
     model_dir = resolve_model_dir(model)  # fail here, once, rather than in every child
-    for record in run_all(str(model_dir), dtypes.split(","), prompt_tokens, new_tokens, image, torch_device):
+    for record in run_all(str(model_dir), list(dtypes), prompt_tokens, new_tokens, image, torch_device):
         click.echo(json.dumps(record))
 
 
@@ -51,17 +54,20 @@ def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Checkpoint folder in the official layout; only the vision tower and projector are read.")
 @click.option("--image", default=None, help="A photo whose processor tiles are timed (default: a generated card).")
-@click.option("--precisions", default="fp32,fp16,int8", show_default=True, help="ONNX graphs to export and time.")
-@click.option("--recipes", default=None,
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True,
+              type=types.CommaChoice(("fp32", "fp16", "int8")), help="ONNX graphs to export and time.")
+@click.option("--recipes", default=None, type=types.CommaChoice(("fused", "fused-vnni", "plain")),
               help="Graph recipes to time for every precision: fused (what export writes for CPUs), plain (what "
                    "edge-vl2 0.1 wrote). `plain,fused` is a before/after in one run [default: each precision's "
                    "export default: fp32/int8 fused, fp16 plain].")
 @click.option("--cpu-isa", "isa", type=click.Choice(["native", "avx2"]), default="native", show_default=True,
               help="avx2: run as on an AVX2-only kiosk CPU (CPUID capped in a child process; Linux x86-64 with "
                    "cpuid_fault and a C compiler).")
-@click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs over all tiles (median).")
-@click.option("--tiles", "max_tiles", default=None, type=int, help="Time only the first N tiles (global view first).")
-@click.option("--threads", default=None, type=int,
+@click.option("--repeats", default=3, show_default=True, type=types.POSITIVE,
+              help="Timed runs over all tiles (median).")
+@click.option("--tiles", "max_tiles", default=None, type=types.POSITIVE,
+              help="Time only the first N tiles (global view first).")
+@click.option("--threads", default=None, type=types.POSITIVE,
               help="For PyTorch and ONNX Runtime alike [default: one per physical core].")
 @click.option("--graphs-dir", default=None, type=click.Path(file_okay=False),
               help="Keep the exported graphs in this folder and reuse the ones already there [default: a "
@@ -74,12 +80,9 @@ def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, thr
 
     from ..tools.vision_bench import format_table, run_vision_bench  # stdlib only: it sets GOMP_SPINCOUNT first
 
-    def split(text):
-        return tuple(p.strip() for p in text.split(",") if p.strip())
-
-    result = run_vision_bench(model, image, split(precisions), repeats, max_tiles, threads,
-                              progress=lambda msg: click.echo(msg, err=True),
-                              recipes=None if recipes is None else split(recipes), isa=isa, graphs_dir=graphs_dir)
+    result = run_vision_bench(model, image, precisions, repeats, max_tiles, threads,
+                              progress=lambda msg: click.echo(msg, err=True), recipes=recipes, isa=isa,
+                              graphs_dir=graphs_dir)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
@@ -98,7 +101,7 @@ def vision_bench(model, image, precisions, recipes, isa, repeats, max_tiles, thr
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads [default: torch's choice].")
 @click.option("--size", type=click.Choice(["full", "test"]), default="full", show_default=True,
               help="test: the synthetic test dimensions (hidden 64, 8 experts), to check the command quickly.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=types.SEED)
 @one_line_errors
 def qbench(variant, configs, prefill_tokens, rounds, decode_steps, interleave, threads, size, seed):
     """Time ONE MoE layer at the variant's real size (synthetic weights): bf16 vs INT8/INT4 vs bitsandbytes, one
@@ -117,3 +120,31 @@ def qbench(variant, configs, prefill_tokens, rounds, decode_steps, interleave, t
     for record in run_qbench(variant, names, prefill_tokens, rounds, decode_steps, seed, interleave, threads, size,
                              progress=lambda msg: click.echo(msg, err=True)):
         click.echo(json.dumps(record))
+
+
+@click.command()
+@click.option("--seconds", default=60.0, show_default=True, type=types.FiniteFloat(min=1, max=86400),
+              help="Total time, shared equally by the targets (checked between rounds of 50 inputs).")
+@click.option("--targets", default="safetensors,manifest,tokenizer", show_default=True,
+              type=types.CommaChoice(("safetensors", "manifest", "tokenizer")))
+@click.option("--case-seconds", default=20, show_default=True, type=click.IntRange(1, 3600),
+              help="One input running past this counts as a crash (a hang).")
+@click.option("--seed", default=None, type=types.SEED, help="Reproducible runs [default: random].")
+@one_line_errors
+def fuzz(seconds, targets, case_seconds, seed):
+    """Fuzz the readers of outside files (safetensors, bundle manifest, tokenizer) for a bounded time with hypothesis:
+    every damaged input must load or end in one-line error; exit status 1 on the first crash or hang."""
+    import json
+
+    try:
+        from ..tools.fuzz import run_fuzz
+        results, line = run_fuzz(list(targets), seconds, case_seconds, seed, log=lambda m: click.echo(m, err=True))
+    except ModuleNotFoundError as e:
+        if e.name != "hypothesis":
+            raise
+        raise UserError("fuzz needs hypothesis (pip install hypothesis)") from None
+    for r in results:
+        click.echo(json.dumps(r))
+    click.echo(line)
+    if any(r["crashes"] for r in results):
+        raise SystemExit(1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .. import checks
 from ..errors import UserError, one_line
 
 # 64 megapixels: far above any useful input (the largest tiling is 1152x1152 / 3456x384) but well below what
@@ -41,12 +42,8 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
             raise UserError(f"image: cannot convert mode {image.mode} to RGB ({one_line(e)})") from None
     if not isinstance(image, (str, Path)):
         raise UserError(f"expected an image path or a PIL image, got {type(image).__name__}")
-    path = Path(image)
+    path = checks.regular_file(image, "image file")  # a FIFO or device would block or never end
     name = str(path)
-    if not path.exists():
-        raise UserError(f"{name}: image file not found")
-    if path.is_dir():
-        raise UserError(f"{name}: is a directory, not an image file")
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x its limit raises) on huge headers; make both an error here.

@@ -11,21 +11,26 @@ Official behaviour reproduced here (model-facts §3, §4.4, §6.2; `format_messa
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .. import checks
+from ..checks import Fields
 from ..errors import UserError
 from .images import load_image
 from .tiling import num_image_tokens, tile_image
-from .tokenizer import ASSISTANT_TOKEN, USER_TOKEN, Tokenizer
+from .tokenizer import ASSISTANT_TOKEN, PAD_TOKEN, USER_TOKEN, Tokenizer
 
 USER_ROLES = ("<|User|>", "user")
 ASSISTANT_ROLES = ("<|Assistant|>", "assistant")
 SYSTEM_ROLES = ("system",)
+# A hostile processor_config.json must not ask for giant canvases: a tile side of at most 4096 px (384 in every
+# checkpoint) and grids of at most 64 tiles (the official maximum is 9; 64 tiles of 384 px are 113 MB of float32).
+MAX_TILE_SIDE, MAX_GRID = 4096, 64
 
 
 @dataclass(frozen=True)
@@ -64,46 +69,27 @@ class ProcessorConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "processor_config.json") -> "ProcessorConfig":
-        if not isinstance(d, dict):
-            raise UserError(f"{source}: expected a JSON object")
-        for key in ("candidate_resolutions", "patch_size", "downsample_ratio", "image_mean", "image_std",
-                    "image_token"):
-            if key not in d:
-                raise UserError(f"{source}: {key} is missing")
-        try:
-            res = tuple((int(w), int(h)) for w, h in d["candidate_resolutions"])
-            mean = tuple(float(x) for x in d["image_mean"])
-            std = tuple(float(x) for x in d["image_std"])
-            patch, down = int(d["patch_size"]), int(d["downsample_ratio"])
-        except (TypeError, ValueError):
-            raise UserError(f"{source}: candidate_resolutions / image_mean / image_std / patch_size / "
-                            "downsample_ratio have the wrong type") from None
-        if not res or res[0][0] != res[0][1] or res[0][0] <= 0:
-            raise UserError(f"{source}: the first candidate resolution must be the square tile size, got {res[:1]}")
+        f = Fields(d, source)
+        res = checks.int_pairs(f.raw("candidate_resolutions"), f.name("candidate_resolutions"), 1, 1 << 16)
         size = res[0][0]
-        bad = [r for r in res if r[0] <= 0 or r[1] <= 0 or r[0] % size or r[1] % size]
+        if res[0][1] != size or size > MAX_TILE_SIDE:
+            raise UserError(f"{source}: the first candidate resolution must be the square tile size (at most "
+                            f"{MAX_TILE_SIDE}), got {list(res[0])}")
+        bad = [list(r) for r in res if r[0] % size or r[1] % size or (r[0] // size) * (r[1] // size) > MAX_GRID]
         if bad:
-            raise UserError(f"{source}: candidate resolutions {bad} are not multiples of the {size} px tile")
-        if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
-            raise UserError(f"{source}: image_mean / image_std must be 3 numbers, std non-zero")
-        if patch <= 0 or down <= 0:
-            raise UserError(f"{source}: patch_size and downsample_ratio must be positive")
-        sft = d.get("sft_format", "deepseek")
-        if sft != "deepseek":
-            raise UserError(f"{source}: sft_format {sft!r} is not supported (DeepSeek-VL2 uses 'deepseek')")
-        if not isinstance(d["image_token"], str) or not d["image_token"]:
-            raise UserError(f"{source}: image_token must be a non-empty string")
-        normalize = d.get("normalize", True)
-        if not isinstance(normalize, bool):
-            raise UserError(f"{source}: normalize must be true or false")
-        return cls(candidate_resolutions=res, patch_size=patch, downsample_ratio=down, image_mean=mean,
-                   image_std=std, image_token=d["image_token"], normalize=normalize,
-                   pad_token=str(d.get("pad_token", "<｜▁pad▁｜>")), sft_format=sft)
+            raise UserError(f"{source}: candidate resolutions {bad[:3]} must be multiples of the {size} px tile, "
+                            f"at most {MAX_GRID} tiles each")
+        return cls(candidate_resolutions=res, patch_size=f.int("patch_size", 1, size),
+                   downsample_ratio=f.int("downsample_ratio", 1, 16),
+                   image_mean=checks.numbers(f.raw("image_mean"), f.name("image_mean"), 3, 0, 1),
+                   image_std=checks.numbers(f.raw("image_std"), f.name("image_std"), 3, 0, 1e3, lo_open=True),
+                   image_token=f.str("image_token", nonempty=True), normalize=f.bool("normalize", True),
+                   pad_token=f.str("pad_token", PAD_TOKEN, nonempty=True),
+                   sft_format=f.str("sft_format", "deepseek", options=("deepseek",)))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ProcessorConfig":
-        path = Path(path)
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(checks.read_json(path, "processor config", 1 << 20), source=str(path))
 
 
 @dataclass
@@ -142,13 +128,9 @@ class Processor:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise UserError(f"{model_dir}: not a directory")
-        pcfg_path = model_dir / "processor_config.json"
-        if not pcfg_path.is_file():
-            raise UserError(f"{pcfg_path}: not found")
-        config = ProcessorConfig.from_file(pcfg_path)
-        model_cfg_path = model_dir / "config.json"
-        if model_cfg_path.is_file():
-            _check_model_config(_read_json(model_cfg_path), config, str(model_cfg_path))
+        config = ProcessorConfig.from_file(model_dir / "processor_config.json")
+        if (model_dir / "config.json").exists():
+            _check_model_config(model_dir / "config.json", config)
         tokenizer = Tokenizer.from_pretrained(model_dir, image_token=config.image_token)
         return cls(tokenizer, config)
 
@@ -245,15 +227,16 @@ class Processor:
         with fewer tags than images gets the missing `"<image>\\n"` lines prepended (the official web demo's
         convention); otherwise any mismatch is a UserError.
         """
-        if not isinstance(prompt, str):
-            raise UserError("the prompt must be a string")
+        checks.text(prompt, "the prompt")
         images = _as_list(images)
         conv: list[dict] = []
-        if system:
+        if system is not None and checks.text(system, "the system text"):
             conv.append({"role": "system", "content": system})
+        if history is not None and not isinstance(history, (list, tuple)):
+            raise UserError(f"history must be a list of (user, assistant) pairs, got {checks.show(history)}")
         for turn in history or []:
             if not (isinstance(turn, (tuple, list)) and len(turn) == 2):
-                raise UserError("history must be a list of (user, assistant) pairs")
+                raise UserError(f"history must be a list of (user, assistant) pairs, got {checks.show(turn)}")
             conv.append({"role": "user", "content": turn[0]})
             conv.append({"role": "assistant", "content": turn[1]})
         tag = self.config.image_token
@@ -272,8 +255,7 @@ class Processor:
         for i, m in enumerate(conversation):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise UserError(f"message {i} must be a dict with 'role' and 'content'")
-            if not isinstance(m["content"], str):
-                raise UserError(f"message {i}: content must be a string")
+            checks.text(m["content"], f"message {i}: content")
             role = m["role"]
             if role in USER_ROLES:
                 norm = "user"
@@ -347,34 +329,18 @@ def _as_list(images) -> list:
         return []
     if isinstance(images, (str, Path, Image.Image)):
         return [images]
+    if isinstance(images, (bytes, bytearray, dict)) or not isinstance(images, Iterable):
+        raise UserError(f"images must be a list of paths or PIL images, got {checks.show(images)}")
     return list(images)
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+def _check_model_config(path: Path, config: ProcessorConfig) -> None:
+    """config.json repeats candidate_resolutions and the vision tile and patch sizes: they must agree."""
+    from ..model.config import VL2Config
 
-
-def _check_model_config(d, config: ProcessorConfig, source: str) -> None:
-    """config.json repeats candidate_resolutions and the vision patch size: they must agree with the processor."""
-    if not isinstance(d, dict):
-        raise UserError(f"{source}: expected a JSON object")
-    res = d.get("candidate_resolutions")
-    if res is not None:
-        try:
-            res = tuple((int(w), int(h)) for w, h in res)
-        except (TypeError, ValueError):
-            raise UserError(f"{source}: candidate_resolutions must be a list of [width, height] pairs") from None
-        if res != config.candidate_resolutions:
-            raise UserError(f"{source}: candidate_resolutions differ from processor_config.json")
-    vis = d.get("vision_config")
-    if isinstance(vis, dict):
-        if "patch_size" in vis and int(vis["patch_size"]) != config.patch_size:
-            raise UserError(f"{source}: vision patch_size {vis['patch_size']} != processor_config.json "
-                            f"patch_size {config.patch_size}")
-        if "image_size" in vis and int(vis["image_size"]) != config.image_size:
-            raise UserError(f"{source}: vision image_size {vis['image_size']} != tile size {config.image_size}")
+    cfg = VL2Config.from_file(path)
+    if cfg.candidate_resolutions != config.candidate_resolutions:
+        raise UserError(f"{path}: candidate_resolutions differ from processor_config.json")
+    if (cfg.vision.patch_size, cfg.vision.image_size) != (config.patch_size, config.image_size):
+        raise UserError(f"{path}: vision patch_size / image_size {cfg.vision.patch_size} / {cfg.vision.image_size} "
+                        f"!= processor_config.json's {config.patch_size} / {config.image_size}")

@@ -6,9 +6,9 @@ fixture), so every id is looked up by its token string in the loaded tokenizer a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .. import checks
 from ..errors import UserError, one_line
 
 # Token strings of the DeepSeek-VL2 family (model-facts §6.1). Note the fullwidth bar U+FF5C and U+2581 in bos/eos/pad,
@@ -22,6 +22,7 @@ DET_TOKEN, DET_END_TOKEN = "<|det|>", "<|/det|>"
 GROUNDING_TOKEN = "<|grounding|>"
 USER_TOKEN, ASSISTANT_TOKEN = "<|User|>", "<|Assistant|>"
 
+MAX_TOKENIZER_BYTES = 1 << 30  # the real ones are 4.6 and 6.3 MB
 _REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode shows for an incomplete multi-byte character
 
 
@@ -42,6 +43,7 @@ class Tokenizer:
             "grounding_id": GROUNDING_TOKEN, "user_id": USER_TOKEN, "assistant_id": ASSISTANT_TOKEN,
         }
         self.special_ids: dict[str, int] = {}
+        by_id: dict[int, str] = {}
         for attr, token in names.items():
             tid = tokenizer.token_to_id(token)
             if tid is None:
@@ -49,6 +51,10 @@ class Tokenizer:
             # It must be an added token that text never splits, or prompts would tokenise differently.
             if tokenizer.encode(token, add_special_tokens=False).ids != [tid]:
                 raise UserError(f"{source}: {token!r} is not a single added token in this tokenizer")
+            if tid in by_id:  # e.g. a special_tokens_map.json that names <image> as eos: the model would stop on it
+                raise UserError(f"{source}: {attr[:-3]} token {token!r} is also the {by_id[tid]} token; each special "
+                                "token must be its own")
+            by_id[tid] = attr[:-3]
             setattr(self, attr, tid)
             self.special_ids[token] = tid
         self.bos_token, self.eos_token, self.pad_token, self.image_token = bos_token, eos_token, pad_token, image_token
@@ -58,9 +64,9 @@ class Tokenizer:
         """Load a `tokenizer.json`; keyword arguments override the bos/eos/pad/image token strings."""
         from tokenizers import Tokenizer as _HFTokenizer
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: tokenizer file not found")
+        path = checks.regular_file(path, "tokenizer file")
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise UserError(f"{path}: over the {MAX_TOKENIZER_BYTES >> 20} MiB a tokenizer.json may have")
         try:
             tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for any parse error
@@ -77,17 +83,14 @@ class Tokenizer:
         model_dir = Path(model_dir)
         tokens: dict[str, str] = {"image_token": image_token}
         stm = model_dir / "special_tokens_map.json"
-        if stm.is_file():
-            try:
-                d = json.loads(stm.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise UserError(f"{stm}: not readable JSON ({one_line(e)})") from None
+        if stm.exists():
+            f = checks.Fields(checks.read_json(stm, "special tokens map", 1 << 20), str(stm))
             for key in ("bos_token", "eos_token", "pad_token"):
-                v = d.get(key) if isinstance(d, dict) else None
-                if isinstance(v, dict):
-                    v = v.get("content")
-                if isinstance(v, str):
-                    tokens[key] = v
+                v = f.raw(key, None)
+                if isinstance(v, dict):  # the official files may write {"content": "...", "lstrip": false, ...}
+                    v = checks.Fields(v, str(stm), f"{key}.").str("content", nonempty=True)
+                if v is not None:
+                    tokens[key] = checks.text(v, f.name(key), nonempty=True)
         return cls.from_file(model_dir / "tokenizer.json", **tokens)
 
     def __len__(self) -> int:

@@ -6,13 +6,15 @@ memory map, so only the tensors we ask for are paged in.
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .. import checks
+from ..dtypes import FLOAT_CODES, check_finite
 from ..errors import UserError
 from .config import VL2Config
 from .shapes import checkpoint_shapes
@@ -24,7 +26,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve_model_dir(model: str | Path) -> Path:
     """A local checkpoint folder, or a Hub id downloaded (or found in the local Hub cache) with huggingface_hub."""
-    path = Path(model).expanduser()
+    path = checks.path_arg(model, "model (a checkpoint folder or Hub id)")
     if path.is_dir():
         return path
     if path.exists():
@@ -62,13 +64,15 @@ class CheckpointReader:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        self.weight_map = self._read_weight_map()
         self._handles: dict[str, object] = {}
+        self.weight_map = self._read_weight_map()
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}  # safetensors codes, from the headers
         for shard in sorted(set(self.weight_map.values())):
             handle = self._open(shard)
             for name in handle.keys():
-                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+                meta = handle.get_slice(name)
+                self._shapes[name], self.dtypes[name] = tuple(meta.get_shape()), meta.get_dtype()
         unlisted = [n for n, s in self.weight_map.items() if n not in self._shapes]
         if unlisted:
             raise UserError(f"{self.dir}: {INDEX_FILE} lists {unlisted[0]!r} in {self.weight_map[unlisted[0]]}, "
@@ -77,23 +81,19 @@ class CheckpointReader:
     def _read_weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            weight_map = checks.Fields(checks.read_json(index, "checkpoint index"), str(index)).raw("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise UserError(f"{index}: weight_map is empty")
-            return {str(k): str(v) for k, v in weight_map.items()}
+                raise UserError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+            for shard in set(weight_map.values()):  # names from a downloaded file: never outside the checkpoint
+                checks.inside(self.dir, shard, f"{INDEX_FILE} shard", _hub_blobs(self.dir))
+            return weight_map
         if (self.dir / SINGLE_FILE).exists():
-            with safe_open(self.dir / SINGLE_FILE, framework="pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+            return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
         raise UserError(f"{self.dir}: no {INDEX_FILE} or {SINGLE_FILE}: not a checkpoint folder")
 
     def _open(self, shard: str):
         if shard not in self._handles:
-            path = self.dir / shard
-            if not path.is_file():
-                raise UserError(f"{path}: shard listed in {INDEX_FILE} is missing")
+            path = checks.regular_file(self.dir / shard, f"shard listed in {INDEX_FILE}")
             try:
                 self._handles[shard] = safe_open(path, framework="pt")
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
@@ -105,12 +105,29 @@ class CheckpointReader:
         return dict(self._shapes)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor as stored (its dtype was checked with the layout), refused if it holds NaN or infinity."""
         try:
-            return self._open(self.weight_map[name]).get_tensor(name)
+            tensor = self._open(self.weight_map[name]).get_tensor(name)
         except KeyError:
             raise UserError(f"{self.dir}: tensor {name!r} is not in the checkpoint") from None
         except Exception as e:  # noqa: BLE001 - a truncated shard fails only when the bytes are read
             raise UserError(f"{self.dir / self.weight_map[name]}: cannot read {name!r} ({e})") from None
+        return check_finite(tensor, f"{self.dir / self.weight_map[name]}: tensor {name!r}")
+
+
+def _hub_blobs(model_dir: Path) -> tuple[Path, ...]:
+    """The Hugging Face cache keeps a snapshot's files as links into the repository's `blobs` folder: links there
+    are the checkpoint's own."""
+    real = Path(os.path.realpath(model_dir))
+    return (real.parent.parent / "blobs",) if real.parent.name == "snapshots" else ()
+
+
+def check_dtypes(dtypes: dict[str, str], where: Path) -> None:
+    """Every checkpoint tensor is a float (a bool embedding or an int32 expert would otherwise be cast and run)."""
+    wrong = [n for n, d in dtypes.items() if d not in FLOAT_CODES]
+    if wrong:
+        raise UserError(f"{where}: tensor {wrong[0]!r} is {dtypes[wrong[0]]}, expected a float type "
+                        f"({', '.join(FLOAT_CODES)})")
 
 
 def check_layout(cfg: VL2Config, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -142,4 +159,5 @@ def open_checkpoint(model: str | Path) -> tuple[Path, VL2Config, CheckpointReade
 
             cfg = replace(cfg, language=cfg.language.with_vocab(embed[0]))
     check_layout(cfg, reader.shapes, model_dir)
+    check_dtypes(reader.dtypes, model_dir)
     return model_dir, cfg, reader

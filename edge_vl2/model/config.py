@@ -8,11 +8,12 @@ other dimension must be present or loading fails with a message naming it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import checks
+from ..checks import Fields
 from ..errors import UserError
 
 # Official defaults the real checkpoints rely on (model-facts §2.1, §4.1, §5).
@@ -35,11 +36,42 @@ LANGUAGE_DEFAULTS = {
 LANGUAGE_REQUIRED = ("hidden_size", "intermediate_size", "moe_intermediate_size", "n_routed_experts",
                      "n_shared_experts", "num_experts_per_tok", "q_lora_rank")
 
+# Limits that keep a hostile config.json from asking for absurd allocations (the model is built from these numbers
+# before any tensor is read) or overflowing index arithmetic. Each is far above the largest DeepSeek-VL2 value
+# (model-facts §1, §2.1, §5: widths <= 12288, 72 experts, 30 layers, 32 heads, vocabulary 129,280, context 4,096,
+# tile 384), so no real checkpoint comes near them.
+MAX_DIM = 1 << 16  # any width: hidden, intermediate, head dims, LoRA rank, vision width
+MAX_COUNT = 1024  # layers, heads, experts
+MAX_VOCAB = 1 << 21  # embedding rows
+MAX_CONTEXT = 1 << 17  # positions (32x the real 4,096): the full-context cache and the device fit check scale with it
+MAX_TILE = 4096  # vision image_size (the tile side; 384 in every checkpoint)
+CONFIG_BYTES = 1 << 20  # config.json is ~2 KB
+# Fields that an explicit null sets to another value (the official classes treat them so; Tiny writes the MLA ones
+# as null or 0).
+NULL_MEANS = {"num_key_value_heads": "num_attention_heads", "kv_lora_rank": 0, "qk_nope_head_dim": 0,
+              "qk_rope_head_dim": 0, "v_head_dim": 0, "n_group": 1, "topk_group": 1}
+LANGUAGE_INTS = {  # field: (lowest, highest)
+    "vocab_size": (1, MAX_VOCAB), "hidden_size": (1, MAX_DIM), "intermediate_size": (1, MAX_DIM),
+    "moe_intermediate_size": (1, MAX_DIM), "num_hidden_layers": (1, MAX_COUNT), "num_attention_heads": (1, MAX_COUNT),
+    "num_key_value_heads": (1, MAX_COUNT), "kv_lora_rank": (0, MAX_DIM), "qk_nope_head_dim": (0, MAX_DIM),
+    "qk_rope_head_dim": (0, MAX_DIM), "v_head_dim": (0, MAX_DIM), "n_routed_experts": (1, MAX_COUNT),
+    "n_shared_experts": (1, MAX_COUNT), "num_experts_per_tok": (1, MAX_COUNT), "n_group": (1, MAX_COUNT),
+    "topk_group": (1, MAX_COUNT), "first_k_dense_replace": (0, MAX_COUNT), "moe_layer_freq": (1, MAX_COUNT),
+    "max_position_embeddings": (1, MAX_CONTEXT), "bos_token_id": (0, MAX_VOCAB - 1),
+    "eos_token_id": (0, MAX_VOCAB - 1),
+}
 
-def _need(section: dict, key: str, where: str) -> Any:
+
+def _need(section: dict, key: str, where: str, prefix: str) -> Any:
     if key not in section or (section[key] is None and key != "q_lora_rank"):
-        raise UserError(f"config.json: {where}.{key} is missing")
+        raise UserError(f"{where}: {prefix}.{key} is missing")
     return section[key]
+
+
+def _section(d, defaults: dict, where: str, prefix: str) -> Fields:
+    """A config section with the official defaults filled in; an explicit null stays null, as in the official
+    classes."""
+    return Fields({**defaults, **Fields(d, where, prefix).data}, where, prefix)
 
 
 @dataclass(frozen=True)
@@ -66,13 +98,14 @@ class VisionConfig:
         return self.width // self.heads
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
-        v = {**VISION_DEFAULTS, **d}
-        cfg = cls(image_size=int(v["image_size"]), patch_size=int(_need(v, "patch_size", "vision_config")),
-                  width=int(_need(v, "width", "vision_config")), layers=int(_need(v, "layers", "vision_config")),
-                  heads=int(v["heads"]), mlp_ratio=float(_need(v, "mlp_ratio", "vision_config")))
-        if cfg.width % cfg.heads:
-            raise UserError(f"config.json: vision width {cfg.width} is not divisible by {cfg.heads} heads")
+    def from_dict(cls, d: dict, where: str = "config.json") -> "VisionConfig":
+        f = _section(d, VISION_DEFAULTS, where, "vision_config.")
+        size = f.int("image_size", 1, MAX_TILE)
+        cfg = cls(image_size=size, patch_size=f.int("patch_size", 1, size), width=f.int("width", 1, MAX_DIM),
+                  layers=f.int("layers", 1, MAX_COUNT), heads=f.int("heads", 1, MAX_COUNT),
+                  mlp_ratio=f.float("mlp_ratio", 0, 64, lo_open=True))
+        if cfg.width % cfg.heads or cfg.head_dim % 2:
+            raise UserError(f"{where}: vision width {cfg.width} must split into {cfg.heads} heads of an even width")
         return cfg
 
 
@@ -87,13 +120,14 @@ class ProjectorConfig:
     downsample_ratio: int
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ProjectorConfig":
-        v = {**PROJECTOR_DEFAULTS, **d}
-        if v["projector_type"] != "downsample_mlp_gelu":
-            raise UserError(f"config.json: projector_type {v['projector_type']!r} is not supported "
+    def from_dict(cls, d: dict, where: str = "config.json") -> "ProjectorConfig":
+        f = _section(d, PROJECTOR_DEFAULTS, where, "projector_config.")
+        if f.raw("projector_type") != "downsample_mlp_gelu":
+            raise UserError(f"{where}: projector_type {f.raw('projector_type')!r} is not supported "
                             "(DeepSeek-VL2 uses downsample_mlp_gelu)")
-        return cls(input_dim=int(v["input_dim"]), n_embed=int(_need(v, "n_embed", "projector_config")),
-                   depth=int(v["depth"]), mlp_ratio=int(v["mlp_ratio"]), downsample_ratio=int(v["downsample_ratio"]))
+        return cls(input_dim=f.int("input_dim", 1, MAX_DIM), n_embed=f.int("n_embed", 1, MAX_DIM),
+                   depth=f.int("depth", 2, 16), mlp_ratio=f.int("mlp_ratio", 1, 64),
+                   downsample_ratio=f.int("downsample_ratio", 1, 16))
 
 
 @dataclass(frozen=True)
@@ -143,53 +177,55 @@ class LanguageConfig:
         return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LanguageConfig":
+    def from_dict(cls, d: dict, where: str = "config.json") -> "LanguageConfig":
+        f = _section(d, LANGUAGE_DEFAULTS, where, "language_config.")
         for key in LANGUAGE_REQUIRED:
-            _need(d, key, "language_config")
-        v = {**LANGUAGE_DEFAULTS, **d}  # an explicit null stays null, as in the official class
-        if v["q_lora_rank"] is not None:
-            raise UserError("config.json: q_lora_rank is set; DeepSeek-VL2 checkpoints have none and the "
-                            "q_a/q_b path is not supported")
-        if v["rope_scaling"] is not None:
-            raise UserError("config.json: rope_scaling is set; DeepSeek-VL2 uses plain RoPE and YaRN is not supported")
-        if v["hidden_act"] != "silu":
-            raise UserError(f"config.json: hidden_act {v['hidden_act']!r} is not supported (expected silu)")
-        if v["attention_bias"] or v["tie_word_embeddings"]:
-            raise UserError("config.json: attention_bias / tie_word_embeddings are not used by DeepSeek-VL2")
-        if v["topk_method"] not in ("greedy", "group_limited_greedy", "noaux_tc"):
-            raise UserError(f"config.json: topk_method {v['topk_method']!r} is not supported")
-        if v["scoring_func"] not in ("softmax", "sigmoid"):
-            raise UserError(f"config.json: scoring_func {v['scoring_func']!r} is not supported")
-        heads = int(v["num_attention_heads"])
-        cfg = cls(
-            vocab_size=int(v["vocab_size"]), hidden_size=int(v["hidden_size"]),
-            intermediate_size=int(v["intermediate_size"]), moe_intermediate_size=int(v["moe_intermediate_size"]),
-            num_hidden_layers=int(v["num_hidden_layers"]), num_attention_heads=heads,
-            num_key_value_heads=int(v["num_key_value_heads"] or heads), use_mla=bool(v["use_mla"]),
-            kv_lora_rank=int(v["kv_lora_rank"] or 0), qk_nope_head_dim=int(v["qk_nope_head_dim"] or 0),
-            qk_rope_head_dim=int(v["qk_rope_head_dim"] or 0), v_head_dim=int(v["v_head_dim"] or 0),
-            n_routed_experts=int(v["n_routed_experts"]), n_shared_experts=int(v["n_shared_experts"]),
-            num_experts_per_tok=int(v["num_experts_per_tok"]), topk_method=v["topk_method"],
-            scoring_func=v["scoring_func"], norm_topk_prob=bool(v["norm_topk_prob"]),
-            routed_scaling_factor=float(v["routed_scaling_factor"]), n_group=int(v["n_group"] or 1),
-            topk_group=int(v["topk_group"] or 1), first_k_dense_replace=int(v["first_k_dense_replace"]),
-            moe_layer_freq=int(v["moe_layer_freq"]), rope_theta=float(v["rope_theta"]),
-            max_position_embeddings=int(v["max_position_embeddings"]), rms_norm_eps=float(v["rms_norm_eps"]),
-            bos_token_id=int(v["bos_token_id"]), eos_token_id=int(v["eos_token_id"]),
-            vocab_from_checkpoint="vocab_size" not in d,
-        )
-        if cfg.use_mla and not (cfg.kv_lora_rank and cfg.qk_nope_head_dim and cfg.qk_rope_head_dim and cfg.v_head_dim):
-            raise UserError("config.json: use_mla is true but kv_lora_rank / qk_*_head_dim / v_head_dim are not set")
-        if not cfg.use_mla and cfg.hidden_size % heads:
-            raise UserError(f"config.json: hidden_size {cfg.hidden_size} is not divisible by {heads} heads")
-        if cfg.n_routed_experts % cfg.n_group or cfg.num_experts_per_tok > cfg.n_routed_experts:
-            raise UserError("config.json: n_routed_experts / n_group / num_experts_per_tok are inconsistent")
+            _need(f.data, key, where, "language_config")
+        for key, meaning in NULL_MEANS.items():
+            if f.data[key] is None:
+                f.data[key] = meaning if isinstance(meaning, int) else f.data[meaning]
+        for key, why in (("q_lora_rank", "the q_a/q_b path is not supported"), ("rope_scaling", "YaRN is not supported")):
+            if f.raw(key) is not None:
+                raise UserError(f"{f.name(key)} is set; DeepSeek-VL2 checkpoints have none and {why}")
+        f.str("hidden_act", options=("silu",))
+        if f.bool("attention_bias") or f.bool("tie_word_embeddings"):
+            raise UserError(f"{where}: attention_bias / tie_word_embeddings are not used by DeepSeek-VL2")
+        cfg = cls(**{k: f.int(k, lo, hi) for k, (lo, hi) in LANGUAGE_INTS.items()},
+                  use_mla=f.bool("use_mla"), norm_topk_prob=f.bool("norm_topk_prob"),
+                  topk_method=f.str("topk_method", options=("greedy", "group_limited_greedy", "noaux_tc")),
+                  scoring_func=f.str("scoring_func", options=("softmax", "sigmoid")),
+                  routed_scaling_factor=f.float("routed_scaling_factor", 0, 1e6, lo_open=True),
+                  rope_theta=f.float("rope_theta", 0, 1e12, lo_open=True),
+                  rms_norm_eps=f.float("rms_norm_eps", 0, 1, lo_open=True),
+                  vocab_from_checkpoint="vocab_size" not in d)
+        cfg._check(where)
         return cfg
+
+    def _check(self, where: str) -> None:
+        """What the model's arithmetic needs beyond each field's own range."""
+        heads = self.num_attention_heads
+        if self.use_mla:
+            if not (self.kv_lora_rank and self.qk_nope_head_dim and self.qk_rope_head_dim and self.v_head_dim):
+                raise UserError(f"{where}: use_mla is true but kv_lora_rank / qk_*_head_dim / v_head_dim are not set")
+            if self.qk_rope_head_dim % 2:
+                raise UserError(f"{where}: qk_rope_head_dim {self.qk_rope_head_dim} must be even (RoPE pairs)")
+        elif self.hidden_size % heads or self.head_dim % 2 or heads % self.num_key_value_heads:
+            raise UserError(f"{where}: hidden_size {self.hidden_size} must split into num_attention_heads {heads} "
+                            f"of an even width, in whole groups of num_key_value_heads {self.num_key_value_heads}")
+        experts, k = self.n_routed_experts, self.num_experts_per_tok
+        if experts % self.n_group or self.topk_group > self.n_group or k > experts or \
+                (self.topk_method != "greedy" and k > self.topk_group * experts // self.n_group):
+            raise UserError(f"{where}: {experts} routed experts in n_group {self.n_group}, topk_group "
+                            f"{self.topk_group} cannot give num_experts_per_tok {k}")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise UserError(f"{where}: first_k_dense_replace {self.first_k_dense_replace} is over num_hidden_layers "
+                            f"{self.num_hidden_layers}")
 
     def with_vocab(self, vocab_size: int) -> "LanguageConfig":
         from dataclasses import replace
 
-        return replace(self, vocab_size=vocab_size, vocab_from_checkpoint=False)
+        return replace(self, vocab_size=checks.integer(vocab_size, "embedding rows", 1, MAX_VOCAB),
+                       vocab_from_checkpoint=False)
 
 
 @dataclass(frozen=True)
@@ -211,42 +247,28 @@ class VL2Config:
         return "base" if self.language.topk_method == "noaux_tc" else "small"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VL2Config":
-        if d.get("model_type") != "deepseek_vl_v2":
-            raise UserError(f"config.json: model_type is {d.get('model_type')!r}, expected 'deepseek_vl_v2'")
-        for key in ("vision_config", "projector_config", "language_config", "candidate_resolutions"):
-            if not isinstance(d.get(key), (dict, list)):
-                raise UserError(f"config.json: {key} is missing")
-        tile_tag = d.get("tile_tag", "2D")
-        pos = d.get("global_view_pos", "head")
+    def from_dict(cls, d: dict, where: str = "config.json") -> "VL2Config":
+        f = Fields(d, where)
+        if f.raw("model_type", None) != "deepseek_vl_v2":
+            raise UserError(f"{where}: model_type is {f.raw('model_type', None)!r}, expected 'deepseek_vl_v2'")
+        tile_tag, pos = f.str("tile_tag", "2D"), f.str("global_view_pos", "head")
         if tile_tag != "2D" or pos not in ("head", "tail"):
-            raise UserError(f"config.json: tile_tag {tile_tag!r} / global_view_pos {pos!r} not supported "
+            raise UserError(f"{where}: tile_tag {tile_tag!r} / global_view_pos {pos!r} not supported "
                             "(DeepSeek-VL2 uses 2D / head)")
-        try:
-            res = tuple((int(w), int(h)) for w, h in d["candidate_resolutions"])
-        except (TypeError, ValueError):
-            raise UserError("config.json: candidate_resolutions must be a list of [width, height] pairs") from None
-        cfg = cls(vision=VisionConfig.from_dict(d["vision_config"]),
-                  projector=ProjectorConfig.from_dict(d["projector_config"]),
-                  language=LanguageConfig.from_dict(d["language_config"]),
+        res = checks.int_pairs(f.raw("candidate_resolutions"), f.name("candidate_resolutions"), 1, MAX_DIM)
+        cfg = cls(vision=VisionConfig.from_dict(f.raw("vision_config"), where),
+                  projector=ProjectorConfig.from_dict(f.raw("projector_config"), where),
+                  language=LanguageConfig.from_dict(f.raw("language_config"), where),
                   candidate_resolutions=res, tile_tag=tile_tag, global_view_pos=pos)
         if cfg.projector.input_dim != cfg.vision.width:
-            raise UserError(f"config.json: projector input_dim {cfg.projector.input_dim} != vision width "
+            raise UserError(f"{where}: projector input_dim {cfg.projector.input_dim} != vision width "
                             f"{cfg.vision.width}")
         if cfg.projector.n_embed != cfg.language.hidden_size:
-            raise UserError(f"config.json: projector n_embed {cfg.projector.n_embed} != language hidden_size "
+            raise UserError(f"{where}: projector n_embed {cfg.projector.n_embed} != language hidden_size "
                             f"{cfg.language.hidden_size}")
         return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> "VL2Config":
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: not found") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not readable JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(checks.read_json(path, "config.json", CONFIG_BYTES), str(path))
