@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -11,10 +11,14 @@ from .errors import UserError
 from .model.cache import StaticCache
 from .model.decoder import LanguageModel
 
+if TYPE_CHECKING:
+    from .constrain import TokenConstraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it."""
+    """temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it.
+    At most one of json_schema (a dict or JSON text), regex, choices constrains the answer (edge_vl2.constrain)."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -22,8 +26,15 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.choices is not None and not isinstance(self.choices, str):
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choices)) > 1:
+            raise UserError("sampling: give at most one of json_schema, regex, choices")
         if self.max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
@@ -76,8 +87,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
 
 
 def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.Tensor, params: SamplingParams,
-                    eos_id: int, prefill_chunk: int = 512) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token id, the logits it came from) until eos (not yielded), max_new_tokens or the context is full."""
+                    eos_id: int, prefill_chunk: int = 512,
+                    constraint: "TokenConstraint | None" = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (token id, the logits it came from) until eos (not yielded), max_new_tokens or the context is full.
+    With a `constraint`, tokens are sampled from the grammar's allowed set (the yielded logits are the model's,
+    unmasked) and generation also ends as soon as the grammar is finished (nothing but eos could follow)."""
     capacity = plan_cache(lm, embeds.shape[0], params.max_new_tokens)
     cache = StaticCache(lm.cfg, capacity, embeds.dtype, embeds.device)
     generator = None
@@ -86,11 +100,13 @@ def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.T
     history = prompt_ids.to(embeds.device)
     logits = prefill(lm, embeds, cache, prefill_chunk)
     for step in range(params.max_new_tokens):
-        token = sample(logits, params, history, generator)
+        token = sample(logits if constraint is None else constraint.mask(logits), params, history, generator)
         if token == eos_id:
             return
+        if constraint is not None:
+            constraint.accept(token)  # starts the next mask, computed beside the next decode step
         yield token, logits
-        if cache.length >= cache.capacity:
+        if cache.length >= cache.capacity or (constraint is not None and constraint.finished):
             return
         history = torch.cat([history, history.new_tensor([token])])
         logits = decode_step(lm, token, cache)

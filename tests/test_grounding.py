@@ -121,3 +121,19 @@ def test_json_form():
     assert Grounding().to_dict() == {"boxes": [], "skipped": []}
     assert SkippedBox(None, "[]", "why").to_dict()["label"] is None
 
+
+def test_pipeline_grounding_uses_the_last_prompt_image():
+    """Through the real processor: a two-image prompt's boxes are in pixels of the second image."""
+    from PIL import Image
+
+    from edge_vl2.inputs.processor import Processor
+    from edge_vl2.pipeline import VL2Pipeline
+
+    from conftest import IMAGES, TINY_LIKE
+
+    first, second = IMAGES / "multi_image_1.jpeg", IMAGES / "visual_grounding_1.jpeg"
+    inputs = Processor.from_pretrained(TINY_LIKE).process_prompt(
+        "<image>\n<image>\n<|ref|>The giraffe at the back.<|/ref|>.", [first, second])
+    g = VL2Pipeline.grounding(README, inputs)
+    size = Image.open(second).size
+    assert [b.image for b in g.boxes] == [1] and g.boxes[0].pixel_box == to_pixels((580, 270, 999, 900), size)
