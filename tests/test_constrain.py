@@ -35,13 +35,7 @@ def real_vocab() -> VL2Pipeline:
     return VL2Pipeline.from_pretrained(_toolchain.checkpoint("tiny"), dtype="fp32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread avoids OpenMP stalls on a busy machine and changes no result."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def byte_token(tok, b: int) -> int:
