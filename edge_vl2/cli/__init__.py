@@ -15,5 +15,5 @@ def main():
 
 
 for command in (run.run, draw.draw, export.export, export.inspect, quantize.quantize, tools.synth, tools.bench,
-                tools.vision_bench, tools.qbench):
+                tools.vision_bench, tools.qbench, tools.constrain_bench):
     main.add_command(command)
