@@ -34,7 +34,8 @@ class PageAnswer:
     finish_reason: str = "stop"
     boxes: list = field(default_factory=list)  # grounding boxes on this page's image
     skipped_boxes: list = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # prepare + vision + prefill + decode of this page (rendering not included)
+    tokens: int = 0  # new tokens of the answer
 
 
 @dataclass
@@ -101,7 +102,7 @@ def ask_document(vl2: "VL2Pipeline", path, question: str, sampling: SamplingPara
             result = vl2.generate(vl2.prepare(prompt, [page.image]), per_page)
             value = json.loads(result.text) if schema is not None and result.finish_reason == "stop" else None
             answer = PageAnswer(page.number, result.text, value, result.finish_reason, result.boxes,
-                                result.skipped_boxes, time.perf_counter() - t0)
+                                result.skipped_boxes, time.perf_counter() - t0, len(result.token_ids))
             answers.append(answer)
             if on_page is not None:
                 on_page(answer, page.image)

@@ -4,6 +4,7 @@ constraint, not the content). Bad options and files give one line and exit 2, be
 
 import json
 import os
+import re
 from decimal import Decimal
 
 import jsonschema
@@ -87,9 +88,10 @@ def test_two_page_pdf_to_json(schema_file, tmp_path):
 
 
 def test_one_page_of_a_pdf_as_text():
-    proc = cli("run", "--model", TINY_LIKE, "--document", PDF, "--pages", "2", "--max-new-tokens", "4",
+    proc = cli("run", "--model", TINY_LIKE, "--document", PDF, "--pages", "2", "--max-new-tokens", "4", "--stats",
                "What is the total?")
     assert proc.returncode == 0 and proc.stdout.startswith("[page 2]\n"), proc.stdout + proc.stderr
+    assert re.fullmatch(r"1 page\(s\) in [\d.]+ s = [\d.]+ pages/min \(page 2 [\d.]+ s 4 tokens\)", proc.stderr.strip())
 
 
 @pytest.mark.parametrize("args, needle", [

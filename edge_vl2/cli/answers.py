@@ -91,9 +91,12 @@ def check_complete(timings: dict, max_new_tokens: int, constrained: bool) -> Non
                         "complete; raise --max-new-tokens")
 
 
-def run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file) -> None:
+def run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file, stats: bool = False) -> None:
     """Page by page: free text is printed under page headers as each page is answered; under a JSON Schema,
-    stdout gets one JSON document (pages, merged object, sources, missing) and progress goes to stderr."""
+    stdout gets one JSON document (pages, merged object, sources, missing) and progress goes to stderr. `stats`:
+    one stderr line with the pages per minute (rendering included) and each page's seconds and tokens."""
+    import time
+
     from ..drawing import save_drawing
     from ..inputs.grounding import Grounding
     from ..pages import ask_document
@@ -111,7 +114,13 @@ def run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file) 
         for s in answer.skipped_boxes:
             click.echo(f"page {answer.page}: skipped box {s.text!r}: {s.reason}", err=True)
 
+    t0 = time.perf_counter()
     result = ask_document(vl2, document, prompt, sampling, pages, on_page)
+    if stats:
+        total = time.perf_counter() - t0
+        per_page = ", ".join(f"page {a.page} {a.seconds:.1f} s {a.tokens} tokens" for a in result.pages)
+        click.echo(f"{len(result.pages)} page(s) in {total:.1f} s = {60 * len(result.pages) / total:.2f} pages/min "
+                   f"({per_page})", err=True)
     if boxes_file is not None:
         write_json(boxes_file, {"pages": [{"page": a.page, **Grounding(a.boxes, a.skipped_boxes).to_dict()}
                                           for a in result.pages]})

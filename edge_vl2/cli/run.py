@@ -74,7 +74,7 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
     else:
         vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device, device_profile=device_profile)
     if document is not None:
-        return run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file)
+        return run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file, stats)
     inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
     timings: dict = {}
     text = []
