@@ -18,4 +18,5 @@ def test_measure_reports_each_mode_and_the_mask_share():
     for mode in ("overlap", "inline"):
         figures = out["modes"][mode]
         assert figures["mask_plus_accept_mean_ms"] > 0 and figures["mask_plus_accept_pct_of_free_step"] > 0
+        assert figures["mask_plus_accept_pct_of_decode_median"] > 0
         assert {"mask", "accept", "decode", "step"} <= set(figures)
