@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -14,13 +14,17 @@ from .model.cache import StaticCache
 from .model.config import LanguageConfig
 from .model.decoder import LanguageModel
 
+if TYPE_CHECKING:
+    from .constrain import TokenConstraint
+
 MIN_SCALE = 1e-4  # smallest positive temperature / repetition penalty: logits divided by it stay finite in fp32
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it."""
+    """temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters; repetition_penalty 1.0 disables it.
+    At most one of json_schema (a dict or JSON text), regex, choices constrains the answer (edge_vl2.constrain)."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -28,10 +32,17 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self):
         """Checked once here (the API boundary; the CLI's option types give the same ranges). A temperature or
         penalty under 1e-4 could overflow fp32 logits, so positive values start there (0 = greedy)."""
+        if self.choices is not None and not isinstance(self.choices, str):
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choices)) > 1:
+            raise UserError("sampling: give at most one of json_schema, regex, choices")
         checks.integer(self.max_new_tokens, "max_new_tokens", lo=1)
         if 0 < checks.number(self.temperature, "temperature", lo=0) < MIN_SCALE:
             raise UserError(f"temperature must be 0 (greedy) or >= {MIN_SCALE}, got {self.temperature!r}")
@@ -107,12 +118,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
 
 def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.Tensor, params: SamplingParams,
                     eos_id: int, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int | None = None,
-                    cuda_graphs: bool = False, info: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                    cuda_graphs: bool = False, info: dict | None = None,
+                    constraint: "TokenConstraint | None" = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token id, the logits it came from) until eos (not yielded), max_new_tokens or the context is full.
 
     `prefill_budget`: bytes the prefill's activations may take (a device profile's working memory): the chunk is
     `prefill_chunk_tokens` for this prompt's cache, else `prefill_chunk`. `cuda_graphs`: decode through a captured
-    `DecodeStep` (eager where it cannot capture). `info`, when given, receives the chunk and the decode mode."""
+    `DecodeStep` (eager where it cannot capture). `info`, when given, receives the chunk and the decode mode.
+    With a `constraint`, tokens are sampled from the grammar's allowed set (the yielded logits are the model's,
+    unmasked) and generation also ends as soon as the grammar is finished (nothing but eos could follow)."""
     capacity = plan_cache(lm, embeds.shape[0], params.max_new_tokens)
     cache = StaticCache(lm.cfg, capacity, embeds.dtype, embeds.device)
     if prefill_budget is not None:
@@ -128,11 +142,13 @@ def generate_tokens(lm: LanguageModel, embeds: torch.Tensor, prompt_ids: torch.T
     if step is not None and not step.captures:
         step = None  # run eagerly, the dynamic-shape step is the faster one (it attends only to what is written)
     for _ in range(params.max_new_tokens):
-        token = sample(logits, params, history, generator)
+        token = sample(logits if constraint is None else constraint.mask(logits), params, history, generator)
         if token == eos_id:
             return
+        if constraint is not None:
+            constraint.accept(token)  # starts the next mask, computed beside the next decode step
         yield token, logits
-        if cache.length >= cache.capacity:
+        if cache.length >= cache.capacity or (constraint is not None and constraint.finished):
             return
         history = torch.cat([history, history.new_tensor([token])])
         # the step's logits are a static buffer the next replay overwrites: consumers get their own copy

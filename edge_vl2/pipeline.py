@@ -18,12 +18,13 @@ from typing import Callable, Iterator
 import torch
 
 from . import checks
+from .constrain import constraint_for
 from .cuda_memory import cap_cuda_memory
 from .devices.profiles import DeviceProfile, as_profile, check_fit, prefill_budget
 from .dtypes import resolve_dtypes
 from .errors import UserError
 from .generate import SamplingParams, generate_tokens
-from .inputs.grounding import parse_grounding
+from .inputs.grounding import Grounding, find_grounding
 from .inputs.processor import Processor, ProcessorOutput
 from .model.vl2 import DeepseekVL2, load_model
 
@@ -35,6 +36,12 @@ class GenerationResult:
     prompt_tokens: int
     boxes: list = field(default_factory=list)  # grounding boxes mapped to original-image pixels
     timings: dict = field(default_factory=dict)
+    skipped_boxes: list = field(default_factory=list)  # box text that was not a valid box, with the reason
+    finish_reason: str = "stop"  # or "length": cut by max_new_tokens / the context before it ended
+
+    def grounding(self) -> dict:
+        """{"boxes": [{label, box (pixels), image, box_999}], "skipped": [{label, text, reason}]} (`run --boxes`)."""
+        return Grounding(self.boxes, self.skipped_boxes).to_dict()
 
 
 class VL2Pipeline:
@@ -117,32 +124,50 @@ class VL2Pipeline:
 
     def tokens(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams(),
                timings: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """(token id, logits) pairs as they are generated; stops on eos, max_new_tokens or the context end."""
+        """(token id, logits) pairs as they are generated; stops on eos, max_new_tokens, the context end or, under
+        a json_schema / regex / choices constraint, when the answer is complete. `timings` also gets
+        `finish_reason` ("stop" or "length") and, when constrained, the grammar's `mask` statistics."""
         if not isinstance(sampling, SamplingParams):
             raise UserError(f"sampling must be a SamplingParams, got {checks.show(sampling)}")
+        constraint = constraint_for(sampling, self.tokenizer, self.model.language.cfg.vocab_size)  # fails early
         t0 = time.perf_counter()
         embeds = self.embeddings(inputs)
         if timings is not None:
             timings["vision_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         info = timings if timings is not None else {}
-        for i, item in enumerate(generate_tokens(self.model.language, embeds, inputs.input_ids, sampling,
-                                                 self.tokenizer.eos_id, prefill_budget=self.prefill_budget,
-                                                 cuda_graphs=self.cuda_graphs, info=info)):
-            if timings is not None and i == 0:
-                timings["prefill_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-            yield item
-            if timings is not None:
-                timings["decode_s"] = time.perf_counter() - t0
-                timings["decode_tokens"] = i + 1
+        n = 0
+        try:
+            for n, item in enumerate(generate_tokens(self.model.language, embeds, inputs.input_ids, sampling,
+                                                     self.tokenizer.eos_id, prefill_budget=self.prefill_budget,
+                                                     cuda_graphs=self.cuda_graphs, info=info, constraint=constraint),
+                                     start=1):
+                if timings is not None and n == 1:
+                    timings["prefill_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                yield item
+                if timings is not None:
+                    timings["decode_s"] = time.perf_counter() - t0
+                    timings["decode_tokens"] = n
+        finally:
+            if constraint is not None:
+                constraint.close()
+        if timings is not None:
+            timings["finish_reason"] = _finish_reason(n, inputs.seq_len, sampling, constraint,
+                                                      self.model.language.cfg.max_position_embeddings)
+            if constraint is not None:
+                timings["mask"] = dict(constraint.stats)
 
     def stream(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams(),
                timings: dict | None = None) -> Iterator[str]:
-        """Text pieces as they complete (never half a UTF-8 character)."""
+        """Text pieces as they complete (never half a UTF-8 character). A constrained answer starts with its value:
+        the one space the grammar allows first (edge_vl2.constrain) is not part of it."""
         detok = self.tokenizer.stream()
+        strip = _constrained(sampling)
         for token, _ in self.tokens(inputs, sampling, timings):
             piece = detok.add(token)
+            if strip and piece:
+                piece, strip = piece.removeprefix(" "), False
             if piece:
                 yield piece
         tail = detok.flush()
@@ -150,18 +175,40 @@ class VL2Pipeline:
             yield tail
 
     def generate(self, inputs: ProcessorOutput, sampling: SamplingParams = SamplingParams()) -> GenerationResult:
-        """The whole answer, its ids and its grounding boxes in original-image pixels."""
+        """The whole answer, its ids, its grounding boxes in original-image pixels (and what was skipped), and why
+        it ended ("stop", or "length" when max_new_tokens or the context cut it)."""
         timings: dict = {}
         ids = [t for t, _ in self.tokens(inputs, sampling, timings)]
         text = self.tokenizer.decode(ids)
-        return GenerationResult(text=text, token_ids=ids, prompt_tokens=inputs.seq_len,
-                                boxes=self.boxes(text, inputs), timings=timings)
+        if _constrained(sampling):
+            text = text.removeprefix(" ")
+        grounding = self.grounding(text, inputs)
+        return GenerationResult(text=text, token_ids=ids, prompt_tokens=inputs.seq_len, boxes=grounding.boxes,
+                                timings=timings, skipped_boxes=grounding.skipped,
+                                finish_reason=timings["finish_reason"])
 
     @staticmethod
-    def boxes(text: str, inputs: ProcessorOutput) -> list:
-        """Grounding boxes in `text`, mapped to pixels of the last image (the one the official demo draws on:
-        with two images, grounding prompts ask about the second)."""
-        return parse_grounding(text, inputs.image_sizes[-1] if inputs.image_sizes else None)
+    def grounding(text: str, inputs: ProcessorOutput) -> Grounding:
+        """Grounding boxes in `text` on the last image of the prompt (the one the official demo draws on: with two
+        images, grounding prompts ask about the second), in its original pixels, and the box text skipped."""
+        return find_grounding(text, inputs.image_sizes)
+
+    @classmethod
+    def boxes(cls, text: str, inputs: ProcessorOutput) -> list:
+        """The boxes of `grounding`."""
+        return cls.grounding(text, inputs).boxes
+
+
+def _constrained(sampling: SamplingParams) -> bool:
+    return any(x is not None for x in (sampling.json_schema, sampling.regex, sampling.choices))
+
+
+def _finish_reason(n_tokens: int, prompt_len: int, sampling: SamplingParams, constraint, context: int) -> str:
+    """"length" when the answer was cut by max_new_tokens or the context (a constrained one: when the grammar was
+    not complete), else "stop" (eos, or the grammar finished)."""
+    if constraint is not None:
+        return "stop" if constraint.complete else "length"
+    return "length" if n_tokens >= sampling.max_new_tokens or prompt_len + n_tokens >= context else "stop"
 
 
 def _check_reference_fit(model: str | Path, profile: DeviceProfile, decoder_dtype: torch.dtype,

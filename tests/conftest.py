@@ -27,3 +27,13 @@ def official_dir() -> Path:
     if not OFFICIAL.is_dir():
         pytest.fail(f"official fixtures not found at {OFFICIAL}")
     return OFFICIAL
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run test-size models: one thread avoids OpenMP stalls when the machine is busy (a 2-core
+    box shared with other jobs loses tens of ms per op waiting for its second thread) and changes no result."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

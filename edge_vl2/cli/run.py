@@ -42,10 +42,22 @@ from .common import one_line_errors
               help="Cap PyTorch's CUDA memory at this many GB (10^9 bytes) before loading: a bigger GPU then proves "
                    "the fit of a smaller one (an out-of-memory error past it).")
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")
+@click.option("--json-schema", "json_schema_file", type=click.Path(dir_okay=False),
+              help="A JSON Schema file: the answer is one JSON value valid under it (ends when it closes).")
+@click.option("--regex", default=None, help="The whole answer matches this regular expression (\\d = [0-9]).")
+@click.option("--choices", default=None, help="The answer is exactly one of these '|'-separated options.")
+@click.option("--boxes", "boxes_file", type=click.Path(dir_okay=False),
+              help="Write the grounding boxes (label, pixel box, image index) and the skipped box text as JSON.")
+@click.option("--draw", "draw_file", type=click.Path(dir_okay=False),
+              help="Draw the grounding boxes on the (last) image into this .png/.jpg.")
+@click.option("--document", type=click.Path(dir_okay=False),
+              help="A PDF or multi-page TIFF: PROMPT is asked of each page, then the answers are merged.")
+@click.option("--pages", default=None, help="With --document: pages such as 1-3,5 [default: all].")
 @click.argument("prompt")
 @one_line_errors
 def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype,
-        device_profile, backend, skip_verify, torch_device, cuda_graphs, memory_cap_gb, stats, prompt):
+        device_profile, backend, skip_verify, torch_device, cuda_graphs, memory_cap_gb, stats, json_schema_file, regex,
+        choices, boxes_file, draw_file, document, pages, prompt):
     """Answer PROMPT about the images, streaming the text; grounding boxes are also printed in pixels.
 
     Give either --model (reference mode: the checkpoint in bf16/fp32) or --bundle (an exported, quantized bundle).
@@ -53,12 +65,14 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
     """
     from ..cuda_memory import cuda_memory_figures
     from ..generate import SamplingParams
-    from ..inputs.grounding import format_boxes
     from ..inputs.images import load_image
     from ..pipeline import VL2Pipeline
+    from .answers import check_answer_options, check_complete, constraint_kwargs, report_grounding, run_document
 
+    constraint = constraint_kwargs(json_schema_file, regex, choices)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed, **constraint)
+    check_answer_options(images, document, pages, boxes_file, draw_file)
     if (model is None) == (bundle is None):
         raise UserError("give exactly one of --model (a checkpoint) or --bundle (an exported bundle)")
     if model is not None and (backend or skip_verify):
@@ -74,6 +88,8 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
     else:
         vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device, device_profile=device_profile,
                                           cuda_graphs=graphs, memory_cap_gb=memory_cap_gb)
+    if document is not None:
+        return run_document(vl2, document, prompt, sampling, pages, boxes_file, draw_file, stats)
     inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
     timings: dict = {}
     text = []
@@ -81,9 +97,8 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
         text.append(piece)
         click.echo(piece, nl=False)
     click.echo("")
-    boxes = vl2.boxes("".join(text), inputs)
-    if boxes:
-        click.echo(format_boxes(boxes))
+    report_grounding(vl2.grounding("".join(text), inputs), pil_images[-1] if pil_images else None, boxes_file,
+                     draw_file)
     if stats:
         n = timings.get("decode_tokens", 0)
         rate = (n - 1) / timings["decode_s"] if n > 1 and timings.get("decode_s") else float("nan")
@@ -96,6 +111,7 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
             click.echo(f"CUDA memory: PyTorch peak {memory['torch_peak_gb']:.2f} GB (reserved "
                        f"{memory['torch_reserved_peak_gb']:.2f}), device in use {memory['device_used_gb']:.2f} of "
                        f"{memory['device_total_gb']:.2f} GB", err=True)
+    check_complete(timings, max_new_tokens, bool(constraint))
 
 
 def _decode_mode(requested: bool, vl2, timings: dict) -> str:

@@ -148,3 +148,28 @@ def fuzz(seconds, targets, case_seconds, seed):
     click.echo(line)
     if any(r["crashes"] for r in results):
         raise SystemExit(1)
+
+
+@click.command("constrain-bench")
+@click.option("--bundle", default=None, type=click.Path(file_okay=False), help="A bundle (or give --model).")
+@click.option("--model", default=None, help="A checkpoint folder (reference mode).")
+@click.option("--device", "device_profile", default=None, help="Device profile, e.g. cpu-kiosk.")
+@click.option("--json-schema", "json_schema_file", type=click.Path(dir_okay=False), default=None,
+              help="The schema to decode under [default: a receipt schema].")
+@click.option("--image", default=None, help="Put one image in the prompt (its tiles make the cache longer).")
+@click.option("--steps", default=48, show_default=True, type=click.IntRange(4), help="Decode steps per mode and round.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="Rounds; modes interleave.")
+@click.option("--seed", default=0, show_default=True, type=types.SEED)
+@one_line_errors
+def constrain_bench(bundle, model, device_profile, json_schema_file, image, steps, rounds, seed):
+    """Mask cost per decode step (ms and % of an unconstrained step), free vs overlapped vs inline masks, one JSON."""
+    import json
+
+    from ..errors import UserError
+    from ..tools.constrain_bench import main
+    from .answers import constraint_kwargs
+
+    if (model is None) == (bundle is None):
+        raise UserError("give exactly one of --model (a checkpoint) or --bundle (an exported bundle)")
+    schema = constraint_kwargs(json_schema_file, None, None).get("json_schema")
+    click.echo(json.dumps(main(bundle, model, device_profile, schema, image, steps, rounds, seed), indent=1))

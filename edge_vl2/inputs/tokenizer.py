@@ -105,6 +105,10 @@ class Tokenizer:
         """Text of `ids`. Special tokens are kept by default: grounding output (`<|ref|>`, `<|det|>`) needs them."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what the grammar engine reads its vocabulary from)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
