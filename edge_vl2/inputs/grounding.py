@@ -25,6 +25,11 @@ class GroundingBox:
     box: tuple[float, float, float, float]
     pixel_box: tuple[int, int, int, int] | None = None
 
+    def to_dict(self) -> dict:
+        """The JSON form the server and `batch` write: label, pixel box (x1, y1, x2, y2) and the 0..999 box."""
+        return {"label": self.label, "box": list(self.pixel_box) if self.pixel_box is not None else None,
+                "box_999": list(self.box)}
+
 
 def to_pixels(box, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """0..999 box -> pixel box on a (W, H) image with the official formula, clamped to [0, W] x [0, H]."""
