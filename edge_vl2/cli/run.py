@@ -4,61 +4,34 @@ from __future__ import annotations
 
 import click
 
-from ..errors import UserError
-from .common import one_line_errors
+from .common import (check_model_choice, load_pipeline, model_options, one_line_errors, sampling_options,
+                     sampling_params, stats_line)
 
 
 @click.command()
-@click.option("--model", default=None, help="Checkpoint folder in the official layout, or a Hub id (reference mode).")
-@click.option("--bundle", default=None, type=click.Path(), help="A bundle folder written by `edge-vl2 export`.")
+@model_options
 @click.option("--image", "images", multiple=True, help="An image file; repeat for several, in <image> tag order.")
 @click.option("--system", default=None, help="System text placed before the first turn.")
-@click.option("--max-new-tokens", default=512, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=None, type=int)
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32", "fp16"]), default="auto", show_default=True,
-              help="Bundles: auto = bf16; fp32 for reference comparisons.")
-@click.option("--device", "device_profile", default=None,
-              help="Device profile (e.g. cpu-kiosk, orin-nx-16gb, or a .toml): refuse, before loading, what cannot "
-                   "fit it; for bundles it also picks the backend, vision graph and ONNX Runtime providers.")
-@click.option("--backend", type=click.Choice(["cpu", "cuda", "reference", "bnb"]), default=None,
-              help="Bundle decoder backend [default: the device profile's, else cuda when available, else cpu].")
-@click.option("--skip-verify", is_flag=True,
-              help="Bundle: skip the sha256 pass over its files (startup time); sizes, tensor shapes and the "
-                   "manifest are still checked.")
-@click.option("--torch-device", default="cpu", show_default=True, help="Reference mode (--model): torch device.")
+@sampling_options
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings to stderr.")
 @click.argument("prompt")
 @one_line_errors
-def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, dtype,
-        device_profile, backend, skip_verify, torch_device, stats, prompt):
+def run(model, bundle, dtype, device_profile, backend, skip_verify, torch_device, images, system, max_new_tokens,
+        temperature, top_p, top_k, repetition_penalty, seed, stats, prompt):
     """Answer PROMPT about the images, streaming the text; grounding boxes are also printed in pixels.
 
     Give either --model (reference mode: the checkpoint in bf16/fp32) or --bundle (an exported, quantized bundle).
     Images without an <image> tag in PROMPT get one on a line of its own at the start (official demo convention).
+    Special-token strings typed in PROMPT (<|ref|>, <|User|>, ...) are read as the tokens, as the official
+    processor does.
     """
-    from ..generate import SamplingParams
     from ..inputs.grounding import format_boxes
     from ..inputs.images import load_image
-    from ..pipeline import VL2Pipeline
 
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              repetition_penalty=repetition_penalty, seed=seed)
-    if (model is None) == (bundle is None):
-        raise UserError("give exactly one of --model (a checkpoint) or --bundle (an exported bundle)")
-    if model is not None and (backend or skip_verify):
-        raise UserError("--backend and --skip-verify apply to --bundle only")
-    if bundle is not None and dtype == "fp16":
-        raise UserError("bundles run in bf16 (--dtype auto) or fp32")
+    sampling = sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    check_model_choice(model, bundle, dtype, backend, skip_verify)
     pil_images = [load_image(p) for p in images]  # bad images fail before the model loads
-    if bundle is not None:
-        vl2 = VL2Pipeline.from_bundle(bundle, backend=backend, device_profile=device_profile,
-                                      verify=not skip_verify, dtype="fp32" if dtype == "fp32" else "bf16")
-    else:
-        vl2 = VL2Pipeline.from_pretrained(model, dtype=dtype, device=torch_device, device_profile=device_profile)
+    vl2 = load_pipeline(model, bundle, dtype, device_profile, backend, skip_verify, torch_device)
     inputs = vl2.prepare(prompt, pil_images, system=system, auto_image_tags=True)
     timings: dict = {}
     text = []
@@ -70,8 +43,4 @@ def run(model, bundle, images, system, max_new_tokens, temperature, top_p, top_k
     if boxes:
         click.echo(format_boxes(boxes))
     if stats:
-        n = timings.get("decode_tokens", 0)
-        rate = (n - 1) / timings["decode_s"] if n > 1 and timings.get("decode_s") else float("nan")
-        click.echo(f"prompt {inputs.seq_len} tokens ({sum(inputs.num_image_tokens)} image), vision "
-                   f"{timings.get('vision_s', 0):.2f} s ({inputs.pixel_values.shape[0]} tiles), "
-                   f"prefill {timings.get('prefill_s', 0):.2f} s, {n} new tokens, decode {rate:.2f} tok/s", err=True)
+        click.echo(stats_line(inputs, timings), err=True)
