@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from . import export, quantize, run, tools
+from . import batch, chat, export, quantize, run, serve, tools
 
 
 @click.group()
@@ -14,6 +14,6 @@ def main():
     """DeepSeek-VL2 Tiny/Small on a 16 GB GPU, a Jetson Orin or a CPU-only PC, offline."""
 
 
-for command in (run.run, export.export, export.inspect, quantize.quantize, tools.synth, tools.bench,
-                tools.vision_bench, tools.qbench):
+for command in (run.run, serve.serve, chat.chat, batch.batch, export.export, export.inspect, quantize.quantize,
+                tools.synth, tools.bench, tools.vision_bench, tools.qbench, tools.soak, tools.serve_bench):
     main.add_command(command)
