@@ -47,6 +47,7 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
     "loading", then "ready". Stops cleanly (exit 0) on SIGTERM or Ctrl-C.
     """
     import logging
+    import os
     import sys
     from pathlib import Path
 
@@ -69,5 +70,12 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
                                                                   skip_verify, torch_device),
                      on_load_failure=lambda _msg: app.state.serve.stop_server())
     serve_app(app, host, port, grace)
-    if app.state.serve.status == "failed":
+    state = app.state.serve
+    if state.status == "failed":
         sys.exit(2)  # the reason is already on stderr, in one line
+    if state.loading is not None and state.loading.is_alive():
+        # Stopped while the model was still loading and the grace period is over: the interpreter must not
+        # finalise under torch's loader thread (it aborts), so leave without finalising; nothing is left to save.
+        logging.getLogger("edge_vl2.serve").info("stopped while the model was still loading")
+        logging.shutdown()
+        os._exit(0)

@@ -45,6 +45,7 @@ class ServeState:
         self.config, self.model_id, self.on_load_failure = config, model_id, on_load_failure
         self.status, self.error = "loading", None
         self.vl2 = self.scheduler = None
+        self.loading: threading.Thread | None = None  # the background loader, when there is one
         self.created = int(time.time())
         self.stop_server: Callable[[], None] = lambda: None  # serve_app sets it: ends the process's server
 
@@ -55,7 +56,8 @@ class ServeState:
         self.scheduler = Scheduler(lambda job: run_job(vl2, job), self.config.max_queue, self.config.retry_after_s)
         if self.config.special_tokens != "parse":
             vl2.tokenizer.encode_plain("")  # build the literal tokenizer now, not in the first request
-        self.status = "ready"
+        if self.status != "stopping":  # a SIGTERM during loading stays a stop
+            self.status = "ready"
 
     def load(self, loader: Callable[[], object]) -> None:
         try:
@@ -139,9 +141,12 @@ def create_app(vl2=None, config: ServeConfig = ServeConfig(), loader: Callable[[
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if loader is not None:
-            threading.Thread(target=state.load, args=(loader,), name="edge-vl2-load", daemon=True).start()
+            state.loading = threading.Thread(target=state.load, args=(loader,), name="edge-vl2-load", daemon=True)
+            state.loading.start()
         yield
         state.stop_accepting()
+        if state.loading is not None:  # stopped while loading: let it end (torch must not die under it)
+            await anyio.to_thread.run_sync(state.loading.join, config.grace_s)
         if state.scheduler is not None:
             await anyio.to_thread.run_sync(state.scheduler.close, 5.0)
 

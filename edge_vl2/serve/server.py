@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 
 import uvicorn
 
@@ -55,6 +56,10 @@ def serve_app(app, host: str = "127.0.0.1", port: int = 8000, grace_s: float = 3
                             lifespan="on")
     server = _Server(config, app)
     app.state.serve.stop_server = lambda: setattr(server, "should_exit", True)
+    if threading.current_thread() is threading.main_thread():
+        # From here, not only once uvicorn runs: a SIGTERM right after the announcement is a clean stop too.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
     bound_host, bound_port = sock.getsockname()[:2]
     announce(f"edge-vl2 serve: listening on http://{_url_host(bound_host)}:{bound_port} (model "
              f"{app.state.serve.model_id}; GET /health says when it is ready)")
