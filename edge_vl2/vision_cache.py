@@ -16,12 +16,15 @@ and evicts the least recently used images when the total passes its size in MB. 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import UserError
 
 DEFAULT_CACHE_MB = 256  # ~500 full-size Tiny tiles in bf16 (196 x 1280 x 2 bytes each)
 
@@ -56,8 +59,8 @@ class VisionCache:
     """LRU of per-image tile embeddings, bounded in bytes. `limit_mb=0` keeps nothing (every image is encoded)."""
 
     def __init__(self, limit_mb: float = DEFAULT_CACHE_MB):
-        if limit_mb < 0:
-            raise ValueError(f"vision cache size must be >= 0 MB, got {limit_mb}")
+        if isinstance(limit_mb, bool) or not isinstance(limit_mb, (int, float)) or not 0 <= limit_mb < math.inf:
+            raise UserError(f"the vision cache size must be a number of MB >= 0, got {limit_mb!r}")
         self.limit_bytes = int(limit_mb * 2**20)
         self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._bytes = 0

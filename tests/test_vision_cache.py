@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from edge_vl2.errors import UserError
 from edge_vl2.pipeline import VL2Pipeline
 from edge_vl2.vision_cache import VisionCache, image_spans, tiles_digest
 
@@ -112,3 +113,9 @@ def test_digest_depends_on_every_value():
     u[1, 2, 3, 3] = 1e-7
     assert tiles_digest(t) != tiles_digest(u) and tiles_digest(t) == tiles_digest(t.clone())
     assert tiles_digest(t) != tiles_digest(t.reshape(1, 6, 4, 4))
+
+
+@pytest.mark.parametrize("size", [-1, float("nan"), float("inf"), "64", True])
+def test_a_bad_size_is_one_clear_error(size):
+    with pytest.raises(UserError, match="vision cache size"):
+        VisionCache(size)

@@ -13,7 +13,8 @@ from .common import check_model_choice, load_pipeline, model_options, one_line_e
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback prints a warning (set --api-key then).")
-@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port (printed).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="0 picks a free port (printed).")
 @click.option("--api-key", envvar="EDGE_VL2_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health [env EDGE_VL2_API_KEY].")
 @click.option("--model-name", default=None,
@@ -47,6 +48,7 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
     "loading", then "ready". Stops cleanly (exit 0) on SIGTERM or Ctrl-C.
     """
     import logging
+    import math
     import os
     import sys
     from pathlib import Path
@@ -59,6 +61,9 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
         raise UserError(f"the server needs the serve extra ({e.name} is missing): pip install 'edge-vl2[serve]'") \
             from None
     check_model_choice(model, bundle, dtype, backend, skip_verify)
+    for flag, value in (("--max-body-mb", max_body_mb), ("--max-image-mp", max_image_mp)):
+        if not 0 < value < math.inf:  # NaN too: every comparison with it is False
+            raise UserError(f"{flag} must be a positive number, got {value}")
     config = ServeConfig(model_id=model_name or Path(bundle or model).name, api_key=api_key,
                          allowed_local_media=Path(allowed_local_media) if allowed_local_media else None,
                          max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20), max_images=max_images,

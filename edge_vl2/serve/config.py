@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,9 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("request_timeout_s", "grace_s"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.vision_cache_mb < 0:
-            raise UserError(f"vision_cache_mb must be >= 0, got {self.vision_cache_mb}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise UserError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if not 0 <= self.vision_cache_mb < math.inf:
+            raise UserError(f"vision_cache_mb must be a number >= 0, got {self.vision_cache_mb}")
         if self.allowed_local_media is not None and not Path(self.allowed_local_media).is_dir():
             raise UserError(f"{self.allowed_local_media}: --allowed-local-media must be an existing folder")
