@@ -48,18 +48,18 @@ def bind(host: str, port: int) -> socket.socket:
 def serve_app(app, host: str = "127.0.0.1", port: int = 8000, grace_s: float = 30.0,
               announce=lambda line: print(line, file=sys.stderr, flush=True)) -> None:
     """Serve until SIGTERM / SIGINT (or the app asks to stop), then return."""
-    if not is_loopback(host):
-        announce(f"warning: listening on {host}, not loopback: anyone who can reach this machine can use the "
-                 "model" + ("" if _has_key(app) else "; set --api-key"))
-    sock = bind(host, port)
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=grace_s,
                             lifespan="on")
     server = _Server(config, app)
     app.state.serve.stop_server = lambda: setattr(server, "should_exit", True)
     if threading.current_thread() is threading.main_thread():
-        # From here, not only once uvicorn runs: a SIGTERM right after the announcement is a clean stop too.
+        # From before the first line we print, not only once uvicorn runs: a SIGTERM at any point is a clean stop.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, server.handle_exit)
+    if not is_loopback(host):
+        announce(f"warning: listening on {host}, not loopback: anyone who can reach this machine can use the "
+                 "model" + ("" if _has_key(app) else "; set --api-key"))
+    sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     announce(f"edge-vl2 serve: listening on http://{_url_host(bound_host)}:{bound_port} (model "
              f"{app.state.serve.model_id}; GET /health says when it is ready)")
