@@ -147,7 +147,8 @@ class Conversation:
 
     def _content(self, t: Turn):
         """Images first on lines of their own when the question has no tag for them (the official demo's
-        convention, as `run` does); under the literal policies, image parts then the text."""
+        convention, as `run` does); under the literal policies, image parts then the text, which the template lays
+        out the same way."""
         n = len(t.images)
         if self.policy != "parse":
             return [IMAGE_PART] * n + [t.question]

@@ -43,7 +43,7 @@ def test_models_and_health(client, test_server):
 def test_one_image_answer_equals_the_in_process_pipeline(client, local):
     resp = client.chat.completions.create(model="tiny-test", messages=user("Describe the image.", MONDAY),
                                           max_tokens=12)
-    inputs = local.prepare("<image>Describe the image.", [IMAGES / "monday.jpg"])
+    inputs = local.prepare("<image>\nDescribe the image.", [IMAGES / "monday.jpg"])
     expected = local.generate(inputs, SamplingParams(max_new_tokens=12))
     choice = resp.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.text
@@ -78,7 +78,7 @@ def test_two_images_and_a_system_turn(client, local):
                                              {"type": "text", "text": "What differs?"}]}]
     resp = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, temperature=0.7,
                                           top_p=0.9, seed=3)
-    inputs = local.prepare("<image><image>What differs?", [IMAGES / "monday.jpg", IMAGES / "visual_grounding_1.jpeg"],
+    inputs = local.prepare("<image>\n<image>\nWhat differs?", [IMAGES / "monday.jpg", IMAGES / "visual_grounding_1.jpeg"],
                            system="You compare photos.")
     assert resp.usage.prompt_tokens == inputs.seq_len
     again = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, temperature=0.7,
@@ -91,7 +91,7 @@ def test_a_grounding_prompt(client, local):
     {label, box (pixels), box_999}."""
     prompt = "<|ref|>The giraffe at the back<|/ref|>."
     resp = client.chat.completions.create(model="tiny-test", messages=user(prompt, GIRAFFE), max_tokens=16)
-    parsed = local.prepare("<image>" + prompt, [IMAGES / "visual_grounding_1.jpeg"])
+    parsed = local.prepare("<image>\n" + prompt, [IMAGES / "visual_grounding_1.jpeg"])
     assert resp.usage.prompt_tokens == parsed.seq_len
     assert local.tokenizer.ref_id in parsed.input_ids.tolist()
     boxes = resp.model_extra["boxes"]
@@ -115,7 +115,7 @@ def test_stop_strings_cut_the_answer(client):
 def test_a_local_path_only_inside_the_allowed_folder(client, local):
     resp = client.chat.completions.create(model="tiny-test", max_tokens=4,
                                           messages=user("Describe.", f"file://{IMAGES / 'monday.jpg'}"))
-    assert resp.usage.prompt_tokens == local.prepare("<image>Describe.", [IMAGES / "monday.jpg"]).seq_len
+    assert resp.usage.prompt_tokens == local.prepare("<image>\nDescribe.", [IMAGES / "monday.jpg"]).seq_len
     for url, match in [("/etc/passwd", "outside the allowed media folder"),
                        (f"file://{IMAGES}/../../conftest.py", "outside"),
                        ("https://example.com/cat.jpg", "offline")]:

@@ -37,7 +37,7 @@ def test_plain_text_gets_the_official_ids(proc, policy, question):
     image = Image.open(PHOTO)
     official = proc.process([{"role": "system", "content": "You are helpful."},
                              {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                             {"role": "user", "content": "<image>" + question},
+                             {"role": "user", "content": "<image>\n" + question},
                              {"role": "assistant", "content": ""}], [image])
     literal = proc.process(conversation(question, system="You are helpful.", history=[("Hi", "Hello!")]), [image],
                            special_tokens=policy)
@@ -77,7 +77,7 @@ def test_grounding_policy_keeps_the_grounding_vocabulary(proc):
     for token in GROUNDING_TOKENS[:2] + (GROUNDING_TOKENS[4],):
         assert tok.special_ids[token] in grounding and tok.special_ids[token] not in escape
     assert grounding.count(tok.user_id) == escape.count(tok.user_id) == 1  # only the template's own
-    official = proc.process_prompt("<image>" + q.replace(" <|User|>", ""), [image]).input_ids.tolist()
+    official = proc.process_prompt("<image>\n" + q.replace(" <|User|>", ""), [image]).input_ids.tolist()
     assert grounding[:len(official) - 4] == official[:len(official) - 4]  # identical up to the typed "<|User|>"
 
 

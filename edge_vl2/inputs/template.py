@@ -55,7 +55,21 @@ def content_items(content, policy: str, tag: str, where: str) -> str | list:
             items.append(IMAGE_PART)
         else:
             raise UserError(f"{where}: part {k} must be a string or {{'type': 'image'}}")
+    items = _own_lines(items)
     return "".join(tag if p is IMAGE_PART else p for p in items) if policy == "parse" else items
+
+
+def _own_lines(items: list) -> list:
+    """Each image part on a line of its own: a newline after it unless it ends the content or one follows already.
+    So `[image, "Describe."]` is the official demo's `"<image>\nDescribe."`, as `run` writes an untagged prompt
+    (and as vLLM lays out image parts)."""
+    out = []
+    for k, p in enumerate(items):
+        out.append(p)
+        nxt = items[k + 1] if k + 1 < len(items) else None
+        if p is IMAGE_PART and nxt is not None and not (isinstance(nxt, str) and nxt.startswith("\n")):
+            out.append("\n")
+    return out
 
 
 def count_images(items, tag: str) -> int:
