@@ -27,6 +27,7 @@ from .generate import SamplingParams, generate_tokens
 from .inputs.grounding import Grounding, find_grounding
 from .inputs.processor import Processor, ProcessorOutput
 from .model.vl2 import DeepseekVL2, load_model
+from .vision_cache import DEFAULT_CACHE_MB, VisionCache
 
 
 @dataclass
@@ -49,11 +50,12 @@ class VL2Pipeline:
 
     def __init__(self, model: DeepseekVL2, processor: Processor, model_dir: Path,
                  tile_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graphs: bool = False,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, info: dict | None = None):
         """`tile_encoder` maps tiles [N, 3, 384, 384] to projector outputs [N, 196, H]; by default the model's own
         PyTorch tower (reference mode), for bundles the ONNX Runtime graph. `cuda_graphs`: decode through a
         captured step (edge_vl2.decode_graph) when the decoder is on CUDA; `prefill_budget`: bytes of activations a
-        prefill chunk may take (else 512-token chunks)."""
+        prefill chunk may take (else 512-token chunks). `info` says what runs it (for /health and logs); its
+        "vision" entry names the tile encoder for the vision cache's keys."""
         self.model, self.processor, self.model_dir = model, processor, model_dir
         self.tokenizer = processor.tokenizer
         self.tile_encoder = tile_encoder or model.encode_tiles
@@ -64,6 +66,13 @@ class VL2Pipeline:
         if len(self.tokenizer) > vocab:  # ids past the embedding would fail inside the first forward pass
             raise UserError(f"{self.tokenizer.source}: {len(self.tokenizer)} tokens, more than the model's {vocab} "
                             "embedding rows")
+        self.info = dict(info or {"checkpoint": str(model_dir), "backend": "reference", "vision": "pytorch"})
+        self.vision_cache: VisionCache | None = None
+
+    def enable_vision_cache(self, limit_mb: float = DEFAULT_CACHE_MB) -> VisionCache:
+        """Keep encoded images (LRU, `limit_mb`) so later prompts about the same image skip the vision tower."""
+        self.vision_cache = VisionCache(limit_mb)
+        return self.vision_cache
 
     @classmethod
     def from_pretrained(cls, model: str | Path, dtype: str = "auto", device: str = "cpu",
@@ -82,7 +91,11 @@ class VL2Pipeline:
             cap_cuda_memory(memory_cap_gb, device)
         vl2, model_dir = load_model(model, dtype=decoder_dtype, vision_dtype=vision_dtype, device=device)
         return cls(vl2, Processor.from_pretrained(model_dir), model_dir, cuda_graphs=cuda_graphs,
-                   prefill_budget=budget)
+                   prefill_budget=budget,
+                   info={"checkpoint": str(model_dir), "variant": vl2.cfg.variant, "backend": "reference",
+                         "dtype": str(decoder_dtype).removeprefix("torch."),
+                         "vision": f"pytorch {str(vision_dtype).removeprefix('torch.')}", "device": device,
+                         "device_profile": profile.name if profile else None})
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str | None = None,
@@ -98,7 +111,7 @@ class VL2Pipeline:
             cap_cuda_memory(memory_cap_gb)
         parts = load_bundle(path, backend=backend, device_profile=device_profile, verify=verify, dtype=dtype)
         return cls(parts.model, parts.processor, parts.path, tile_encoder=parts.tile_encoder,
-                   cuda_graphs=cuda_graphs, prefill_budget=parts.prefill_budget)
+                   cuda_graphs=cuda_graphs, prefill_budget=parts.prefill_budget, info=parts.info)
 
     def prepare(self, prompt: str, images=(), system: str | None = None,
                 history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False) -> ProcessorOutput:
@@ -106,13 +119,25 @@ class VL2Pipeline:
         return self.processor.process_prompt(prompt, images, system=system, history=history,
                                              auto_image_tags=auto_image_tags)
 
-    def embeddings(self, inputs: ProcessorOutput) -> torch.Tensor:
-        """[T, H] decoder inputs: token embeddings with the image vectors in the `<image>` positions."""
+    def embeddings(self, inputs: ProcessorOutput, stats: dict | None = None) -> torch.Tensor:
+        """[T, H] decoder inputs: token embeddings with the image vectors in the `<image>` positions. `stats` gets
+        the tile counts (`vision_tiles`, `vision_tiles_cached`)."""
         if not isinstance(inputs, ProcessorOutput):
             raise UserError(f"inputs must be the ProcessorOutput of prepare(), got {checks.show(inputs)}")
         device = self.model.image_newline.device
         pixels = inputs.pixel_values
-        tiles = self.tile_encoder(pixels).to(device=device, dtype=self.model.dtype) if pixels.shape[0] else None
+
+        def encode(px: torch.Tensor) -> torch.Tensor:
+            return self.tile_encoder(px).to(device=device, dtype=self.model.dtype)
+
+        tiles = None
+        if pixels.shape[0] and self.vision_cache is not None:
+            tiles = self.vision_cache.encode(pixels, inputs.images_spatial_crop, encode, self.info.get("vision", ""),
+                                             stats)
+        elif pixels.shape[0]:
+            tiles = encode(pixels)
+            if stats is not None:
+                stats.update(vision_tiles=pixels.shape[0], vision_tiles_cached=0)
         return self.model.input_embeddings(inputs.input_ids.to(device), inputs.images_seq_mask.to(device),
                                            pixels, inputs.images_spatial_crop, tile_embeds=tiles)
 
@@ -131,7 +156,7 @@ class VL2Pipeline:
             raise UserError(f"sampling must be a SamplingParams, got {checks.show(sampling)}")
         constraint = constraint_for(sampling, self.tokenizer, self.model.language.cfg.vocab_size)  # fails early
         t0 = time.perf_counter()
-        embeds = self.embeddings(inputs)
+        embeds = self.embeddings(inputs, timings)
         if timings is not None:
             timings["vision_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

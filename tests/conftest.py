@@ -37,3 +37,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def test_server(tmp_path_factory):
+    """One `edge-vl2 serve` over the test-size Tiny INT4 bundle, shared by every HTTP test (tests/_serve.py). Small
+    limits so the limit tests stay cheap: 2 waiting requests, 2 images, 2 MB bodies."""
+    from _bundles import tiny_rtn_bundle
+    from _serve import API_KEY, ServerProcess
+
+    bundle = tiny_rtn_bundle(tmp_path_factory)
+    server = ServerProcess(["--bundle", bundle, "--api-key", API_KEY, "--max-queue", "2", "--max-images", "2",
+                            "--max-body-mb", "2", "--allowed-local-media", IMAGES, "--model-name", "tiny-test"],
+                           tmp_path_factory.getbasetemp() / "serve.log")
+    server.bundle = bundle
+    yield server
+    server.stop()

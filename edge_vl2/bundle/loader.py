@@ -18,7 +18,7 @@ Only the runtime is imported here: no transformers, timm, optimum, onnx, nor the
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,7 @@ class LoadedBundle:
     path: Path
     tile_encoder: Callable[[torch.Tensor], torch.Tensor]
     prefill_budget: int | None = None  # bytes of prefill activations the device profile leaves (None: no profile)
+    info: dict = field(default_factory=dict)  # what runs it: backend, vision graph, providers, device profile
 
 
 def choose_backend(requested: str | None, profile: DeviceProfile | None) -> str:
@@ -174,7 +175,10 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
             f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
-    return LoadedBundle(model, processor, bundle.path, runner.encode_tiles, budget)
+    info = {"bundle": str(bundle.path), "variant": m.variant, "recipe": m.recipe.get("name"), "backend": backend,
+            "vision": graph.file, "vision_precision": graph.precision, "providers": list(runner.providers),
+            "device_profile": profile.name if profile else None, "max_tiles": processor.max_tiles()}
+    return LoadedBundle(model, processor, bundle.path, runner.encode_tiles, budget, info)
 
 
 def _layer_counts(model: DeepseekVL2) -> str:

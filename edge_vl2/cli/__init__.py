@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from . import draw, export, quantize, run, tools
+from . import batch, chat, draw, export, quantize, run, serve, tools
 from .common import OneLineGroup
 
 
@@ -15,6 +15,7 @@ def main():
     """DeepSeek-VL2 Tiny/Small on a 16 GB GPU, a Jetson Orin or a CPU-only PC, offline."""
 
 
-for command in (run.run, draw.draw, export.export, export.inspect, quantize.quantize, tools.synth, tools.bench,
-                tools.vision_bench, tools.qbench, tools.constrain_bench, tools.fuzz):
+for command in (run.run, serve.serve, chat.chat, batch.batch, draw.draw, export.export, export.inspect,
+                quantize.quantize, tools.synth, tools.bench, tools.vision_bench, tools.qbench, tools.constrain_bench,
+                tools.fuzz, tools.soak, tools.serve_bench):
     main.add_command(command)

@@ -1,4 +1,5 @@
-"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench` and `fuzz`."""
+"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench`, `fuzz`, `constrain-bench`,
+and for the server `soak` and `serve-bench`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import click
 
 from ..errors import UserError
 from . import types
-from .common import one_line_errors
+from .common import load_pipeline, model_options, one_line_errors
 
 
 @click.command()
@@ -173,3 +174,42 @@ def constrain_bench(bundle, model, device_profile, json_schema_file, image, step
         raise UserError("give exactly one of --model (a checkpoint) or --bundle (an exported bundle)")
     schema = constraint_kwargs(json_schema_file, None, None).get("json_schema")
     click.echo(json.dumps(main(bundle, model, device_profile, schema, image, steps, rounds, seed), indent=1))
+
+
+@click.command()
+@click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A test-size bundle [default: make one from a synthetic checkpoint in a temporary folder].")
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1), help="Concurrent clients.")
+@click.option("--requests", default=25, show_default=True, type=click.IntRange(1), help="Requests per client.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the report here (JSON).")
+@one_line_errors
+def soak(bundle, clients, requests, out):
+    """Concurrent clients (official openai client) against a real `edge-vl2 serve`: every response checked, RSS
+    before/after, a queue-full burst (503 + Retry-After, no hang), SIGTERM -> exit 0. Exit 1 if anything failed."""
+    import sys
+
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise UserError("soak drives the server with the official openai client: pip install openai") from None
+    from ..tools.soak import main
+
+    sys.exit(main(bundle, clients, requests, out))
+
+
+@click.command("serve-bench")
+@model_options
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="The photo asked about.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1),
+              help="Greedy tokens per answer in the run-vs-HTTP comparison.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the report here (JSON).")
+@one_line_errors
+def serve_bench(model, bundle, dtype, device_profile, backend, skip_verify, torch_device, image, repeats, max_tokens,
+                out):
+    """Time to first token for a first and a second question about a photo (vision cache), and the server's
+    per-request overhead over the in-process `run` path, on one pipeline in one process."""
+    from ..tools.serve_bench import main
+
+    vl2 = load_pipeline(model, bundle, dtype, device_profile, backend, skip_verify, torch_device)
+    main(vl2, image, repeats, max_tokens, out)

@@ -8,6 +8,7 @@ the file.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -29,21 +30,28 @@ def _check_size(name: str, size: tuple[int, int], max_pixels: int) -> None:
                         "(possible decompression bomb)")
 
 
-def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Return an RGB `PIL.Image` from a path or a PIL image (which is never modified).
+def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Return an RGB `PIL.Image` from a path, the bytes of an image file, or a PIL image (which is never modified).
 
-    Raises `UserError` with one line naming the file for any unreadable or unreasonable image.
+    Raises `UserError` with one line naming the file (or `name`, for bytes) for any unreadable or unreasonable image.
     """
     if isinstance(image, Image.Image):
-        _check_size("image", image.size, max_pixels)
+        _check_size(name or "image", image.size, max_pixels)
         try:
             return image.convert("RGB")
         except (ValueError, OSError) as e:
             raise UserError(f"image: cannot convert mode {image.mode} to RGB ({one_line(e)})") from None
+    if isinstance(image, (bytes, bytearray)):
+        return _decode(io.BytesIO(image), name or "image", max_pixels)
     if not isinstance(image, (str, Path)):
         raise UserError(f"expected an image path or a PIL image, got {type(image).__name__}")
     path = checks.regular_file(image, "image file")  # a FIFO or device would block or never end
     name = str(path)
+    return _decode(path, name, max_pixels)
+
+
+def _decode(path, name: str, max_pixels: int) -> Image.Image:
+    """Open, fully decode and convert one image file (a path or a binary file object)."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (and past 2x its limit raises) on huge headers; make both an error here.

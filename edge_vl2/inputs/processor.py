@@ -22,8 +22,9 @@ from .. import checks
 from ..checks import Fields
 from ..errors import UserError
 from .images import load_image
+from .template import PromptBuilder, check_policy, content_items, count_images
 from .tiling import num_image_tokens, tile_image
-from .tokenizer import ASSISTANT_TOKEN, PAD_TOKEN, USER_TOKEN, Tokenizer
+from .tokenizer import PAD_TOKEN, Tokenizer
 
 USER_ROLES = ("<|User|>", "user")
 ASSISTANT_ROLES = ("<|Assistant|>", "assistant")
@@ -161,49 +162,46 @@ class Processor:
 
     # ---- conversations ------------------------------------------------------------------------------------------
 
-    def process(self, conversation: list[dict], images: list | None = None,
-                max_tokens: int | None = None) -> ProcessorOutput:
+    def process(self, conversation: list[dict], images: list | None = None, max_tokens: int | None = None,
+                special_tokens: str = "parse") -> ProcessorOutput:
         """Tokenise a conversation and tile its images.
 
-        `conversation`: messages {"role": "<|User|>"|"user"|"<|Assistant|>"|"assistant"|"system", "content": str,
-        optional "images": [...]}. It may end with a user message or with an assistant message (empty for a fresh
-        answer; non-empty to continue that answer). `images`: paths or PIL images in the order of the `<image>`
-        tags; when None, the messages' "images" lists are used. Tags and images must match one to one.
-        `max_tokens`: raise a UserError when the prompt is longer.
+        `conversation`: messages {"role": "<|User|>"|"user"|"<|Assistant|>"|"assistant"|"system", "content": str or
+        a list of text strings and {"type": "image"} parts, optional "images": [...]}. It may end with a user message
+        or with an assistant message (empty for a fresh answer; non-empty to continue that answer). `images`: paths
+        or PIL images in the order of the image slots (`<image>` tags under policy "parse", image parts under the
+        others); when None, the messages' "images" lists are used. Slots and images must match one to one.
+        `max_tokens`: raise a UserError when the prompt is longer. `special_tokens`: what special-token strings in
+        message text do, "parse" (official), "grounding" or "escape" (see inputs/template.py).
         """
-        msgs = self._check_conversation(conversation)
+        msgs = self._check_conversation(conversation, check_policy(special_tokens))
         pil = [load_image(x) for x in self._images_for(msgs, images)]
         cropping = len(pil) <= 2  # official: tiling only with <= 2 images in the whole conversation
-        out = _PromptBuilder(self.tokenizer)
-        tag, next_image = self.config.image_token, 0
+        out = PromptBuilder(self.tokenizer, special_tokens)
+        tag, pending = self.config.image_token, iter(pil)
+
+        def add_image(builder: PromptBuilder) -> None:
+            tiles, (tw, th) = self.tile_image(next(pending), cropping)
+            builder.image(tiles, tw, th, self.config.num_image_tokens(tw, th), self.image_id, tag)
+
         for m in msgs:
-            content = m["content"].strip()
             if m["role"] == "user":
-                # conv.get_prompt() of the "deepseek" template with an empty assistant message.
-                formatted = (f"{USER_TOKEN}: {content}\n\n" if content else f"{USER_TOKEN}:") + f"{ASSISTANT_TOKEN}:"
-                segments = formatted.split(tag)
-                for k, seg in enumerate(segments):
-                    out.text(seg)
-                    if k < len(segments) - 1:
-                        tiles, (tw, th) = self.tile_image(pil[next_image], cropping)
-                        out.image(tiles, tw, th, self.config.num_image_tokens(tw, th), self.image_id, tag)
-                        next_image += 1
+                out.user_turn(m["content"], tag, add_image)
             elif m["role"] == "assistant":
-                out.text(content)
-                out.eos()
+                out.answer(m["content"])
             else:  # system: raw text, no template (official)
-                out.text(content)
+                out.plain_turn(m["content"])
         if msgs[-1]["role"] == "assistant":  # inference mode strips the answer's closing eos
             out.drop_last()
         if max_tokens is not None and len(out.ids) > max_tokens:
             raise UserError(f"the prompt is {len(out.ids)} tokens ({sum(out.counts)} for images), over the limit "
                             f"of {max_tokens}; use fewer or smaller images or a shorter history")
-        return out.finish([im.size for im in pil], self.config.image_size)
+        return _finish(out, [im.size for im in pil], self.config.image_size)
 
     def _images_for(self, msgs: list[dict], images) -> list:
         """The images in `<image>` tag order: the given list, or the messages' own "images" lists."""
         tag = self.config.image_token
-        tags_per_msg = [m["content"].count(tag) for m in msgs]
+        tags_per_msg = [count_images(m["content"], tag) for m in msgs]
         if images is None:
             images = []
             for m, n in zip(msgs, tags_per_msg):
@@ -214,13 +212,13 @@ class Processor:
         else:
             images = _as_list(images)
         if sum(tags_per_msg) != len(images):
-            raise UserError(f"the prompt has {sum(tags_per_msg)} {tag} tag(s) but {len(images)} image(s) were "
-                            f"given; put one {tag} where each image belongs")
+            raise UserError(f"the prompt has {sum(tags_per_msg)} {tag} tag(s) or image part(s) but "
+                            f"{len(images)} image(s) were given; put one {tag} where each image belongs")
         return images
 
     def process_prompt(self, prompt: str, images=(), system: str | None = None,
                        history: list[tuple[str, str]] | None = None, auto_image_tags: bool = False,
-                       max_tokens: int | None = None) -> ProcessorOutput:
+                       max_tokens: int | None = None, special_tokens: str = "parse") -> ProcessorOutput:
         """The CLI form: one prompt, its images, an optional system text and past (user, assistant) turns.
 
         `images` follow the `<image>` tags of the history and then of the prompt. With `auto_image_tags`, a prompt
@@ -245,9 +243,9 @@ class Processor:
             prompt = f"{tag}\n" * (len(images) - n_tags) + prompt
         conv.append({"role": "user", "content": prompt})
         conv.append({"role": "assistant", "content": ""})
-        return self.process(conv, images, max_tokens=max_tokens)
+        return self.process(conv, images, max_tokens=max_tokens, special_tokens=special_tokens)
 
-    def _check_conversation(self, conversation) -> list[dict]:
+    def _check_conversation(self, conversation, policy: str) -> list[dict]:
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise UserError("the conversation must be a non-empty list of messages")
         tag = self.config.image_token
@@ -255,7 +253,9 @@ class Processor:
         for i, m in enumerate(conversation):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise UserError(f"message {i} must be a dict with 'role' and 'content'")
-            checks.text(m["content"], f"message {i}: content")
+            if isinstance(m["content"], str):
+                checks.text(m["content"], f"message {i}: content")
+            content = content_items(m["content"], policy, tag, f"message {i}")
             role = m["role"]
             if role in USER_ROLES:
                 norm = "user"
@@ -267,9 +267,9 @@ class Processor:
                     raise UserError(f"message {i}: a system message may only come first")
             else:
                 raise UserError(f"message {i}: unknown role {role!r} (use user, assistant or system)")
-            if norm != "user" and tag in m["content"]:
-                raise UserError(f"message {i}: {tag} tags may only appear in user messages")
-            out.append({**m, "role": norm})
+            if norm != "user" and count_images(content, tag):
+                raise UserError(f"message {i}: images ({tag} tags or image parts) may only be in user messages")
+            out.append({**m, "role": norm, "content": content})
         if not any(m["role"] == "user" for m in out):
             raise UserError("the conversation has no user message")
         if out[-1]["role"] == "system":
@@ -277,50 +277,14 @@ class Processor:
         return out
 
 
-class _PromptBuilder:
-    """Token ids, image mask, tiles and the readable text of a prompt, appended piece by piece."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.ids, self.mask, self.parts = [tok.bos_id], [False], [tok.bos_token]
-        self.tiles: list[torch.Tensor] = []
-        self.crops: list[list[int]] = []
-        self.counts: list[int] = []
-
-    def text(self, s: str) -> None:
-        """A text segment, tokenised on its own (official: the prompt is split at each `<image>`)."""
-        if s:
-            t = self.tok.encode(s)
-            self.ids += t
-            self.mask += [False] * len(t)
-            self.parts.append(s)
-
-    def image(self, tiles: torch.Tensor, tw: int, th: int, n_tokens: int, image_id: int, tag: str) -> None:
-        self.tiles.append(tiles)
-        self.crops.append([tw, th])
-        self.counts.append(n_tokens)
-        self.ids += [image_id] * n_tokens
-        self.mask += [True] * n_tokens
-        self.parts.append(tag)
-
-    def eos(self) -> None:
-        self.ids.append(self.tok.eos_id)
-        self.mask.append(False)
-        self.parts.append(self.tok.eos_token)
-
-    def drop_last(self) -> None:
-        self.ids.pop()
-        self.mask.pop()
-        self.parts.pop()
-
-    def finish(self, image_sizes: list[tuple[int, int]], tile_size: int) -> ProcessorOutput:
-        empty = torch.zeros((0, 3, tile_size, tile_size), dtype=torch.float32)
-        return ProcessorOutput(
-            input_ids=torch.tensor(self.ids, dtype=torch.long),
-            images_seq_mask=torch.tensor(self.mask, dtype=torch.bool),
-            pixel_values=torch.cat(self.tiles, 0) if self.tiles else empty,
-            images_spatial_crop=torch.tensor(self.crops, dtype=torch.long).reshape(-1, 2),
-            num_image_tokens=self.counts, image_sizes=image_sizes, text="".join(self.parts))
+def _finish(b: PromptBuilder, image_sizes: list[tuple[int, int]], tile_size: int) -> ProcessorOutput:
+    empty = torch.zeros((0, 3, tile_size, tile_size), dtype=torch.float32)
+    return ProcessorOutput(
+        input_ids=torch.tensor(b.ids, dtype=torch.long),
+        images_seq_mask=torch.tensor(b.mask, dtype=torch.bool),
+        pixel_values=torch.cat(b.tiles, 0) if b.tiles else empty,
+        images_spatial_crop=torch.tensor(b.crops, dtype=torch.long).reshape(-1, 2),
+        num_image_tokens=b.counts, image_sizes=image_sizes, text="".join(b.parts))
 
 
 def _as_list(images) -> list:

@@ -6,6 +6,7 @@ fixture), so every id is looked up by its token string in the loaded tokenizer a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import checks
@@ -58,6 +59,7 @@ class Tokenizer:
             setattr(self, attr, tid)
             self.special_ids[token] = tid
         self.bos_token, self.eos_token, self.pad_token, self.image_token = bos_token, eos_token, pad_token, image_token
+        self._plain = None  # built on first use by encode_plain
 
     @classmethod
     def from_file(cls, path: str | Path, **tokens: str) -> "Tokenizer":
@@ -100,6 +102,25 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no bos/eos added (what the official processor does for every text segment)."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain characters: an added token's string (`<|User|>`, the eos string,
+        `<image>`) typed in it becomes ordinary text tokens, never the special id (see inputs/template.py).
+
+        A copy of the tokenizer without its added-token table does the encoding, so the pre-tokenizer and BPE are
+        the real ones: text free of special-token strings gets exactly the ids of `encode`.
+        """
+        if self._plain is None:
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            spec = json.loads(self._tok.to_str())
+            self.added_ids = frozenset(a["id"] for a in spec.get("added_tokens", []))
+            spec["added_tokens"] = []
+            self._plain = _HFTokenizer.from_str(json.dumps(spec))
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        if self.added_ids.intersection(ids):  # BPE merges re-formed a special string: encode it char by char
+            ids = [i for ch in text for i in self._plain.encode(ch, add_special_tokens=False).ids]
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Special tokens are kept by default: grounding output (`<|ref|>`, `<|det|>`) needs them."""
