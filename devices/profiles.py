@@ -1,4 +1,5 @@
-"""Device profiles (devices/*.toml, shipped as package data): memory budget, bandwidth, backends, tile limit.
+"""Device profiles (devices/*.toml, shipped as package data): memory budget, bandwidth, backends, tile limit, cpu
+kernel threads (optional).
 
 `check_fit` refuses, before anything is loaded, a model or bundle that cannot fit the device's memory budget.
 """
@@ -30,6 +31,7 @@ class DeviceProfile:
     decoder_backend: str
     vision_precision: str
     max_tiles: int
+    cpu_threads: int | None = None  # threads of the cpu decoder kernels (qkern); None: EDGE_VL2_CPU_THREADS, else 1
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "DeviceProfile":
@@ -42,11 +44,19 @@ class DeviceProfile:
                    memory_budget_gb=float(d["memory_budget_gb"]), bandwidth_gbs=float(d["bandwidth_gbs"]),
                    compute_capability=str(d["compute_capability"]), ort_providers=tuple(d["ort_providers"]),
                    decoder_backend=d["decoder_backend"], vision_precision=d["vision_precision"],
-                   max_tiles=int(d["max_tiles"]))
+                   max_tiles=int(d["max_tiles"]), cpu_threads=_positive_or_none(d.get("cpu_threads"), source))
 
     def decode_roofline_tok_s(self, bytes_per_token: float) -> float:
         """Upper bound on decode speed: bandwidth / bytes read per generated token."""
         return self.bandwidth_gbs * 1e9 / bytes_per_token
+
+
+def _positive_or_none(value, source: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or value < 1:
+        raise UserError(f"{source}: cpu_threads must be a positive integer, got {value!r}")
+    return value
 
 
 def _profile_dir():

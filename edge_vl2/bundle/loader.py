@@ -150,6 +150,13 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
                   f"bundle {bundle.path.name} ({m.variant}, {m.recipe.get('name')})")
     backend = choose_backend(backend, profile)
     device = "cuda" if backend == "cuda" or (backend == "bnb" and torch.cuda.is_available()) else "cpu"
+    kernels = ""
+    if backend == "cpu":
+        from ..quant.kernels import qkern
+        from ..quant.linear import cpu_kernel_line
+
+        qkern.set_threads(profile.cpu_threads if profile else None)
+        kernels = cpu_kernel_line() + "; "
     model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
     runner = OrtVisionRunner(bundle.path / graph.file, providers=choose_providers(profile))
     processor = Processor.from_pretrained(bundle.path)
@@ -159,7 +166,7 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     if log is not None:
         log(f"bundle {bundle.path.name}: {m.variant} {m.recipe.get('name')}"
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
-            f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
+            f"({kernels}{_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
     return LoadedBundle(model, processor, bundle.path, runner.encode_tiles)
 

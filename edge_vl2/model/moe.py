@@ -110,6 +110,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
+        step = getattr(self.experts, "moe_step", None)  # quantized experts on cpu: routed + shared in one call
+        if step is not None and x.shape[0] <= self.FEW_TOKENS_MAX:
+            y = step(x, ids, weights, self.shared_experts)
+            if y is not None:
+                return y.to(x.dtype)
         if x.shape[0] <= self.FEW_TOKENS_MAX:
             per_slot = self.experts.per_chosen_expert(x, ids)
         else:
