@@ -9,16 +9,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import LayerCache
 from .config import LanguageConfig
-from .layers import Linear, RMSNorm, matmul, rope_angles, rope_interleaved, rope_rotate_half
+from .layers import Linear, RMSNorm, matmul, rope_interleaved, rope_rotate_half, rope_span
 
 
 def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
     """scores [..., S, T] (query i sits at position start+i, keys at 0..T-1) -> fp32 probabilities."""
     s, t = scores.shape[-2:]
+    if s == 1 and t <= start + 1:  # one query at or after every key (a decode step): nothing to mask
+        return scores.float().softmax(dim=-1)
     q_pos = torch.arange(start, start + s, device=scores.device)[:, None]
     masked = torch.arange(t, device=scores.device)[None, :] > q_pos
     return scores.float().masked_fill(masked, float("-inf")).softmax(dim=-1)
@@ -42,7 +45,7 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
         k = self.k_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
         v = self.v_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        cos, sin = rope_angles(self.head_dim, self.theta, torch.arange(start, start + s, device=x.device))
+        cos, sin = rope_span(self.head_dim, self.theta, start, s, x.device)
         q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
         if cache is not None:
             cache.tensors["k"][:, start:start + s] = k
@@ -51,8 +54,13 @@ class MultiHeadAttention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=0)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=0)
-        scores = matmul(q, k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
-        out = matmul(causal_softmax(scores, start).to(v.dtype), v)  # [n, S, d]
+        if s == 1 and k.shape[1] == start + 1:
+            # a decode step sees every key: one fused kernel instead of ~10 small ops (6-9x faster on CPU at 20-700
+            # keys); it keeps scores and probabilities in fp32 where the official bf16 path rounds them to bf16
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # [n, 1, d]
+        else:
+            scores = matmul(q, k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
+            out = matmul(causal_softmax(scores, start).to(v.dtype), v)  # [n, S, d]
         return self.o_proj(out.transpose(0, 1).reshape(s, -1))
 
 
@@ -88,7 +96,7 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q[..., :self.d_nope], q[..., self.d_nope:]
         kv = self.kv_a_proj_with_mqa(x)  # [S, c + r]
         latent = self.kv_a_layernorm(kv[:, :self.rank])
-        cos, sin = rope_angles(self.d_rope, self.theta, torch.arange(start, start + s, device=x.device))
+        cos, sin = rope_span(self.d_rope, self.theta, start, s, x.device)
         q_pe, k_pe = rope_interleaved(q_pe, cos, sin), rope_interleaved(kv[:, self.rank:], cos, sin)
         if cache is not None:
             cache.tensors["latent"][start:start + s] = latent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,14 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@functools.lru_cache(maxsize=8)
+def rope_span(dim: int, theta: float, start: int, length: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_angles for positions start..start+length-1, made once per span: every layer of a decode step asks for the
+    same one (12-27 layers x ~10 small ops saved per token)."""
+    return rope_angles(dim, theta, torch.arange(start, start + length, device=device))
 
 
 def rope_angles(dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
