@@ -66,6 +66,13 @@ def choose_vision(bundle: Bundle, profile: DeviceProfile | None) -> VisionGraph:
     return (profile and bundle.manifest.graph(profile.vision_precision)) or bundle.vision_graph()
 
 
+def fit_bytes(bundle: Bundle, profile: DeviceProfile | None) -> tuple[int, int]:
+    """(weights, cache) bytes the device fit check counts for `bundle` on `profile`: the decoder files (every backend
+    holds one copy: the cpu kernels read the memory-mapped tensors in place) plus the vision graph the profile picks,
+    and a full-context cache. load_bundle, `inspect` and `bench` all count with this one function."""
+    return bundle.decoder_bytes + bundle.graph_bytes(choose_vision(bundle, profile)), bundle.cache_bytes()
+
+
 def choose_providers(profile: DeviceProfile | None) -> list[str] | None:
     """The profile's ONNX Runtime providers that are installed (None without a profile: all installed ones)."""
     if profile is None:
@@ -146,7 +153,7 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     m = bundle.manifest
     graph = choose_vision(bundle, profile)
     if profile is not None:
-        check_fit(profile, bundle.decoder_bytes + bundle.graph_bytes(graph), bundle.cache_bytes(),
+        check_fit(profile, *fit_bytes(bundle, profile),
                   f"bundle {bundle.path.name} ({m.variant}, {m.recipe.get('name')})")
     backend = choose_backend(backend, profile)
     device = "cuda" if backend == "cuda" or (backend == "bnb" and torch.cuda.is_available()) else "cpu"

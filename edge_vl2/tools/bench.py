@@ -111,7 +111,6 @@ def _load_bundle(spec: dict):
     import gc
 
     from ..bundle.reader import open_bundle
-    from ..devices.profiles import RUNTIME_OVERHEAD_GB
     from ..pipeline import VL2Pipeline
 
     kwargs = {"backend": spec.get("backend"), "device_profile": spec.get("device")}
@@ -123,14 +122,14 @@ def _load_bundle(spec: dict):
     t0 = time.perf_counter()
     vl2 = VL2Pipeline.from_bundle(spec["path"], verify=False, **kwargs)
     load = {"load_s": round(verified, 2), "load_s_skip_verify": round(time.perf_counter() - t0, 2)}
-    b = open_bundle(spec["path"], verify=False)
-    from ..bundle.loader import choose_vision
-    from ..devices.profiles import load_device
+    if spec.get("device"):  # what the device fit check plans, counted as load_bundle counts it
+        from ..bundle.loader import fit_bytes
+        from ..devices.profiles import check_fit, load_device
 
-    profile = load_device(spec["device"]) if spec.get("device") else None
-    graph = choose_vision(b, profile)
-    load["fit_check_gb"] = round((b.decoder_bytes + b.graph_bytes(graph) + b.cache_bytes()) / GB
-                                 + RUNTIME_OVERHEAD_GB, 2)
+        profile = load_device(spec["device"])
+        weights, cache = fit_bytes(open_bundle(spec["path"], verify=False), profile)
+        load.update(fit_weights_gb=round(weights / GB, 2), fit_cache_gb=round(cache / GB, 2),
+                    fit_check_gb=round(check_fit(profile, weights, cache, spec["path"]), 2))
     return vl2, load
 
 
