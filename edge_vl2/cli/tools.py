@@ -45,8 +45,12 @@ def synth(variant, size, out, seed):
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
               help="torch, qkern and llama.cpp threads, the same for every configuration.")
 @click.option("--torch-device", default="cpu", show_default=True, help="torch device of --model (cpu, cuda).")
+@click.option("--gguf-dir", default=None, type=click.Path(file_okay=False),
+              help="--vs llamacpp: where the GGUFs are written once and reused [default: "
+                   "~/.cache/edge-vl2/gguf/<checkpoint folder>].")
 @one_line_errors
-def bench(bundle, model, dtypes, vs, device, backend, prompt_tokens, new_tokens, image, threads, torch_device):
+def bench(bundle, model, dtypes, vs, device, backend, prompt_tokens, new_tokens, image, threads, torch_device,
+          gguf_dir):
     """Load, vision per tile, prefill, decode (median, p90), bytes per token, GB/s against the roofline and peak
     memory of a bundle or checkpoint, with its peers back to back; one JSON record per line, then the ratios."""
     import json
@@ -69,7 +73,7 @@ def bench(bundle, model, dtypes, vs, device, backend, prompt_tokens, new_tokens,
 
         model = str(resolve_model_dir(model))
     for record in run_bench(bundle, model, [d.strip() for d in dtypes.split(",")], wanted, device, prompt_tokens,
-                            new_tokens, image, threads, torch_device, backend,
+                            new_tokens, image, threads, torch_device, backend, gguf_dir,
                             progress=lambda m: click.echo(m, err=True)):
         click.echo(json.dumps(record))
 

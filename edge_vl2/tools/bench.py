@@ -268,7 +268,7 @@ def plan(bundle: str | None, model: str | None, dtypes: list[str], vs: list[str]
     return out
 
 
-def llamacpp_records(source: str | None, prompt_ids: list[int], new_tokens: int, threads: int,
+def llamacpp_records(source: str | None, prompt_ids: list[int], new_tokens: int, threads: int, gguf_dir: str | None,
                      quants=GGUF_QUANTS) -> list[dict]:
     """llama.cpp on a GGUF of the same decoder (edge_vl2.tools.peer), one child per quantization type."""
     out = []
@@ -278,27 +278,48 @@ def llamacpp_records(source: str | None, prompt_ids: list[int], new_tokens: int,
             out.append({"config": name, "error": "needs the source checkpoint: give --model"})
             continue
         spec = {"kind": "llamacpp", "source": source, "quant": quant, "prompt_ids": prompt_ids,
-                "new_tokens": new_tokens, "threads": threads}
+                "new_tokens": new_tokens, "threads": threads, "gguf_dir": gguf_dir or default_gguf_dir(source)}
         out.append({"config": name, **_child(spec, {})})
     return out
 
 
+def default_gguf_dir(source: str) -> str:
+    """Where the GGUFs of a checkpoint are written once and reused: ~/.cache/edge-vl2/gguf/<checkpoint folder>."""
+    from pathlib import Path
+
+    return str(Path.home() / ".cache" / "edge-vl2" / "gguf" / Path(source).name)
+
+
 def _llamacpp(spec: dict) -> dict:
-    """In a child without torch (llama.cpp brings its own OpenMP runtime): GGUF (made once, cached by the peer
-    module), then prefill of the prompt and batch-1 greedy decode, timed by llama.cpp's runner."""
+    """In a child without torch's kernels in play: the GGUFs (the bf16 source written once from the checkpoint by
+    the peer writer, each llama.cpp type quantized from it once; both reused from gguf_dir), then llama.cpp's
+    prefill of the same prompt ids and batch-1 greedy decode (edge_vl2.tools.peer.llama_runner)."""
+    from pathlib import Path
+
     try:
-        from . import peer
+        from .peer.gguf_writer import write_gguf
+        from .peer.llama_runner import quantize_gguf, system_info, time_generation
     except ImportError as e:
         return {"error": f"edge_vl2.tools.peer is not available ({e})"}
-    path = peer.gguf_for(spec["source"], spec["quant"])
-    timed = peer.time_decode(path, spec["prompt_ids"], spec["threads"], new_tokens=spec["new_tokens"])
-    return {"gguf": str(path), "gguf_bytes": os.path.getsize(path), **timed, "peak_rss_gb":
-            round(peak_rss_bytes() / GB, 2)}
+    folder = Path(spec["gguf_dir"])
+    src, path = folder / "tiny-bf16.gguf", folder / f"tiny-{spec['quant']}.gguf"
+    try:
+        if not path.exists():
+            if not src.exists():
+                write_gguf(spec["source"], src, "bf16")
+            quantize_gguf(src, path, spec["quant"])
+        timed = time_generation(path, spec["prompt_ids"], spec["new_tokens"], spec["threads"]).as_dict()
+        info = system_info()
+    except Exception as e:  # noqa: BLE001 - the peer's failure is a record, not the end of the bench
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    timed.pop("gguf", None)
+    return {"gguf": str(path), "gguf_bytes": path.stat().st_size, **timed, "llama_cpp": info,
+            "peak_rss_gb": round(peak_rss_bytes() / GB, 2)}
 
 
 def run_bench(bundle: str | None, model: str | None, dtypes: list[str], vs: list[str], device: str | None,
               prompt_tokens: int, new_tokens: int, image: str | None, threads: int, torch_device: str = "cpu",
-              backend: str | None = None, progress=lambda _m: None):
+              backend: str | None = None, gguf_dir: str | None = None, progress=lambda _m: None):
     """Yield the machine record, one record per configuration (in order, back to back) and the ratios."""
     machine = machine_record(threads)
     yield machine
@@ -320,8 +341,9 @@ def run_bench(bundle: str | None, model: str | None, dtypes: list[str], vs: list
         records.append(record)
         yield record
     if "llamacpp" in vs:
-        text_ids = prompt_ids if not image else None  # llama.cpp runs the decoder only: text prompts
-        for record in llamacpp_records(_reference_source(bundle, model), text_ids or [], new_tokens, threads):
+        # the same ids (with an image its placeholder ids stand in for the image embeddings: the same context length)
+        for record in llamacpp_records(_reference_source(bundle, model), prompt_ids or [], new_tokens, threads,
+                                       gguf_dir):
             progress(f"bench: {record['config']}")
             records.append(record)
             yield record
