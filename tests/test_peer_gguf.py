@@ -110,9 +110,11 @@ def test_llama_cpp_f32_logits_equal_our_fp32_decoder(f32_gguf, tokens, our_logit
     """Same weights, same token ids, both in fp32 (llama.cpp's KV cache set to f32, flash attention off).
 
     What is left is fp32 rounding: other summation orders in every matmul (ggml's SIMD dot products vs oneDNN/MKL),
-    ggml's own exp for SiLU and softmax and its RoPE angle tables; each ~1e-7 relative, carried through 3 layers and a
-    64-wide lm_head. Measured max |diff| 2e-6 against logits of std ~1; we allow 1e-4 x the logit scale, far below
-    any real mistake (a wrong permutation, a missing shared expert or a renormalised router moves logits by O(1)).
+    ggml's own exp for SiLU and softmax and its RoPE angle tables; each ~1e-7 relative, carried through 3 layers.
+    Measured: max |diff| 3.5e-5 on logits up to 60 in magnitude (5.9e-7 of the scale, a few fp32 ulps there). We
+    allow 2e-5 x the largest |logit| (1.2e-3 here, 34x the measurement), still far below any real mistake: a wrong
+    q/k permutation, a missing shared expert or a renormalised router moves logits by O(1). With llama.cpp's default
+    f16 KV cache the same run differs by up to 3.4 (KL 1.3e-5): that is why the cache is f32 here.
     """
     from edge_vl2.tools.peer.llama_runner import LlamaCppModel
 
@@ -124,14 +126,16 @@ def test_llama_cpp_f32_logits_equal_our_fp32_decoder(f32_gguf, tokens, our_logit
     assert theirs.shape == our_logits.shape
     scale = float(np.abs(our_logits).max())
     err = float(np.abs(theirs - our_logits).max())
-    assert err <= 1e-4 * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"
+    assert err <= 2e-5 * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"
     assert (theirs.argmax(-1) == our_logits.argmax(-1)).all()
 
 
 @needs_llama_cpp
 def test_quantized_ggufs(f32_gguf, tokens, our_logits, tmp_path):
     """llama.cpp's quantizer writes each type (router and norms kept F32); the files are smaller than f32, and
-    Q8_0's logits stay close to the fp32 decoder's (8-bit blocks of 32: KL well under 0.01 nats here)."""
+    Q8_0's logits stay close to the fp32 decoder's (measured KL 0.004 nats, top-1 96 %;
+    deterministic: seeded checkpoint, deterministic quantizer). On this 64-wide model the K-quants fall back to
+    Q5_0/Q5_1/Q8_0 (rows not a multiple of 256), so only Q8_0's types are checked exactly."""
     from edge_vl2.tools.peer.llama_runner import QUANT_TYPES, LlamaCppModel, quantize_gguf
 
     f32_size = f32_gguf.stat().st_size
@@ -154,6 +158,17 @@ def test_quantized_ggufs(f32_gguf, tokens, our_logits, tmp_path):
     kl = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - q8.log_softmax(-1))).sum(-1).mean().item()
     assert 0 < kl < 0.01, kl
     assert math.isfinite(kl)
+
+
+@needs_llama_cpp
+def test_generation_timing_record(f32_gguf):
+    """The timing path runs end to end (prefill, greedy decode through the last logits) and reports what it did;
+    speeds themselves are measured by the suite's `time` command, not asserted here."""
+    from edge_vl2.tools.peer.llama_runner import time_generation
+
+    t = time_generation(f32_gguf, [0, 5, 17, 300, 4000, 9], new_tokens=4, threads=1)
+    assert (t.prompt_tokens, t.new_tokens, t.threads) == (6, 4, 1)
+    assert t.prefill_s > 0 and t.decode_ms_median > 0 and t.decode_ms_p90 >= t.decode_ms_median
 
 
 def test_missing_llama_cpp_is_one_line(monkeypatch):

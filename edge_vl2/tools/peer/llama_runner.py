@@ -6,6 +6,7 @@ tokenizer is not involved). One model object per configuration; threads are fixe
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +44,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int = 0
     lc = llama_cpp_module()
     if qtype not in QUANT_TYPES:
         raise UserError(f"unknown llama.cpp type {qtype!r}; expected one of {', '.join(QUANT_TYPES)}")
+    # llama-cpp-python prints llama.cpp's log at its logger's level: keep the per-tensor quantize lines out
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, QUANT_TYPES[qtype])
     params.nthread = threads
