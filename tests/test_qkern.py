@@ -95,6 +95,18 @@ def test_linear_equals_the_rounded_activation_math_on_every_tier(tier, fmt, rows
             assert _rel(y, _expected(x, deq, tier, mode)) <= EXACT, (dtype, mode)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_many_equals_one_call_per_weight(tier, rows):
+    """q, k, v-like weights of one input (rows that are not multiples of the 64-row chunk) in one call: the same
+    numbers, bit for bit, as one call per weight, concatenated."""
+    ws = [quantize_rtn_int4(_weight(n, 256, seed=n), 64, True) for n in (200, 72, 72)]
+    mats = [qkern.QMat.of(w) for w in ws]
+    x = _x(rows, 256).to(torch.bfloat16)
+    assert torch.equal(qkern.linear_many(mats, x), torch.cat([qkern.linear(m, x) for m in mats], dim=1))
+    with pytest.raises(RuntimeError, match="-3"):  # a weight of another K
+        qkern.linear_many(mats + [qkern.QMat.of(quantize_rtn_int4(_weight(8, 128), 64, True))], x)
+
+
 def test_threads_split_rows_without_changing_the_result(tier):
     w = quantize_rtn_int4(_weight(200, 512), 128, False)
     x = _x(3, 512)
@@ -106,6 +118,23 @@ def test_threads_split_rows_without_changing_the_result(tier):
     finally:
         qkern.set_threads(None)
     assert torch.equal(one, two)  # each output row is computed by one thread, in the same order
+
+
+def test_threads_split_the_moe_step_without_changing_the_result(tier):
+    """Threads take chunks of rows from a shared counter: whichever thread runs a row, it computes it in one order."""
+    routed, shared = _moe_weights("int4-g128-sym")
+    mats = tuple(qkern.QMat.of(w) for w, _ in routed)
+    smats = tuple(qkern.QMat.of(w) for w, _ in shared)
+    x = _x(2, 256).to(torch.bfloat16)
+    ids, weights = torch.tensor([[0, 5, 2], [5, 0, 7]]), torch.rand(2, 3, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for n in (1, 2, 3):
+        qkern.set_threads(n)
+        try:
+            outs.append(qkern.moe(*mats, x, ids, weights, smats))
+        finally:
+            qkern.set_threads(None)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("fmt", ["int8-channel", "int4-g32-asym", "int4-g128-sym"])

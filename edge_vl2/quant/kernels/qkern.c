@@ -14,7 +14,7 @@
  * ISA tiers, chosen at run time (one binary for every x86-64; the AVX2 functions carry `target` attributes):
  *   0 scalar (fp32, any CPU; mode ignored), 1 AVX2+FMA+F16C, 2 = 1 plus AVX-VNNI for the INT4 int8 dot products.
  *   qk_set_isa caps the tier (tests run every tier; EDGE_VL2_CPU_ISA in the Python wrapper).
- * Threads: OpenMP with a static row partition (the process's libgomp: torch's, when torch is loaded first).
+ * Threads: OpenMP, rows handed out in chunks (QK_CHUNK; the process's libgomp: torch's, when torch is loaded first).
  * Not reentrant across Python threads calling into one process's OpenMP pool at once.
  * Called through ctypes (edge_vl2/quant/kernels/qkern.py): no Python or torch headers.
  */
@@ -31,6 +31,11 @@
 #endif
 
 #define QK_BLK 32
+/* Threads take output rows QK_CHUNK at a time from a shared counter (OpenMP dynamic schedule) rather than a fixed
+ * half each: on a host shared with other jobs, a thread that is descheduled for a while leaves its rows to the one
+ * that runs instead of holding up the call. Each output row is still computed by one thread, in one order, so the
+ * result does not depend on the number of threads. */
+#define QK_CHUNK 64
 
 typedef struct {
     int32_t bits;  /* 4 or 8 */
@@ -76,7 +81,7 @@ int qk_set_isa(int isa) {
 }
 
 /* the layout of qk_mat; the wrapper checks it before the first call */
-int qk_abi(void) { return (int)sizeof(qk_mat) * 100 + 1; }
+int qk_abi(void) { return (int)sizeof(qk_mat) * 100 + 2; }
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -702,14 +707,6 @@ static inline void team(int *t, int *T) {
 #endif
 }
 
-static inline void part(int64_t n, int nt, int t, int64_t *lo, int64_t *hi) {
-    /* contiguous ranges, multiples of 4 rows except the last */
-    int64_t quads = (n + 3) / 4, per = quads / nt, rem = quads % nt;
-    int64_t q0 = t * per + (t < rem ? t : rem), q1 = q0 + per + (t < rem ? 1 : 0);
-    *lo = q0 * 4 < n ? q0 * 4 : n;
-    *hi = q1 * 4 < n ? q1 * 4 : n;
-}
-
 #ifdef QK_X86
 __attribute__((target("avx2"))) static void bf16_row_avx2(const uint16_t *p, int k, float *dst) {
     int j = 0;
@@ -736,49 +733,75 @@ static void load_row_f32(const void *x, int xbf16, int64_t off, int k, float *ds
 
 /* ---------------------------------------------------------------- public: linear */
 
-/* y[M, N] (fp32) = x[M, K] (fp32 or bf16) @ W[e]^T. Returns 0, or -1 for an unsupported shape. */
-int qk_linear(const qk_mat *w, int e, const void *x, int xbf16, int m, float *y, int nthreads, int mode) {
-    if (qk_isa() < 0 || !mat_ok(w)) return -1;
-    int k = w->k;
-    int64_t n = w->n;
+/* y[M, N1 + ... + Nw] (fp32) = x[M, K] (fp32 or bf16) @ [W1[e]; ...; Ww[e]]^T: several weights of one input (a
+ * layer's q, k, v projections) in one call, the activations prepared once. The weights must share K and the
+ * activation layout. Returns 0, -1 an unsupported format, -2 out of memory, -3 weights that do not share K. */
+int qk_linear_many(const qk_mat *const *ws, int nw, int e, const void *x, int xbf16, int m, float *y, int nthreads,
+                   int mode) {
+    if (qk_isa() < 0 || nw < 1) return -1;
+    int k = ws[0]->k, layout = act_layout(ws[0], mode);
+    int64_t ntot = 0, nchunks = 0;
+    for (int i = 0; i < nw; i++) {
+        if (!mat_ok(ws[i])) return -1;
+        if (ws[i]->k != k || act_layout(ws[i], mode) != layout) return -3;
+        ntot += ws[i]->n;
+        nchunks += (ws[i]->n + QK_CHUNK - 1) / QK_CHUNK;
+    }
     size_t ab = act_bytes(k);
     char *mem = (char *)malloc((size_t)m * (ab + (size_t)k * 4 + 64));
-    if (!mem) return -2;
     qk_act *acts = (qk_act *)malloc(sizeof(qk_act) * m);
     float **xnat = (float **)malloc(sizeof(float *) * m);
+    int *cw = (int *)malloc(sizeof(int) * nchunks);          /* chunk -> its weight */
+    int64_t *cr = (int64_t *)malloc(sizeof(int64_t) * nchunks), *off = (int64_t *)malloc(sizeof(int64_t) * nw);
+    if (!mem || !acts || !xnat || !cw || !cr || !off) {
+        free(mem); free(acts); free(xnat); free(cw); free(cr); free(off);
+        return -2;
+    }
+    for (int i = 0, c = 0; i < nw; i++) {
+        off[i] = i ? off[i - 1] + ws[i - 1]->n : 0;
+        for (int64_t r = 0; r < ws[i]->n; r += QK_CHUNK, c++) { cw[c] = i; cr[c] = r; }
+    }
     for (int i = 0; i < m; i++) {
         char *base = mem + (size_t)i * (ab + (size_t)k * 4 + 64);
         act_init(&acts[i], k, base);
         xnat[i] = (float *)(((uintptr_t)(base + ab) + 63) & ~(uintptr_t)63);
         load_row_f32(x, xbf16, (int64_t)i * k, k, xnat[i]);
-        if (g_isa >= 1) act_prepare(&acts[i], xnat[i], act_layout(w, mode), mode);
+        if (g_isa >= 1) act_prepare(&acts[i], xnat[i], layout, mode);
     }
-    /* rows in chunks so a chunk of weights stays in cache across the m activation rows */
+    /* rows in chunks so a chunk of weights stays in cache across the m activation rows; the chunks are handed out
+     * dynamically (see QK_CHUNK) */
     const int64_t CH = 16;
     int nt = nthreads < 1 ? 1 : nthreads;
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t, T;
-        team(&t, &T);
-        int64_t lo, hi;
-        part(n, T, t, &lo, &hi);
         float *tmp = (float *)malloc(sizeof(float) * CH * m);
         const qk_act **ap = (const qk_act **)malloc(sizeof(void *) * m);
         const float **xp = (const float **)malloc(sizeof(void *) * m);
         float **yp = (float **)malloc(sizeof(void *) * m);
         for (int i = 0; i < m; i++) { ap[i] = &acts[i]; xp[i] = xnat[i]; yp[i] = tmp + (int64_t)i * CH; }
-        for (int64_t r0 = lo; r0 < hi; r0 += CH) {
-            int64_t nr = hi - r0 < CH ? hi - r0 : CH;
-            mat_rows_multi(w, e, r0, nr, ap, xp, yp, m, mode);
-            for (int i = 0; i < m; i++) memcpy(y + (int64_t)i * n + r0, yp[i], (size_t)nr * 4);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunks; c++) {
+            const qk_mat *w = ws[cw[c]];
+            int64_t hi = cr[c] + QK_CHUNK < w->n ? cr[c] + QK_CHUNK : w->n;
+            for (int64_t r0 = cr[c]; r0 < hi; r0 += CH) {
+                int64_t nr = hi - r0 < CH ? hi - r0 : CH;
+                mat_rows_multi(w, e, r0, nr, ap, xp, yp, m, mode);
+                for (int i = 0; i < m; i++) memcpy(y + (int64_t)i * ntot + off[cw[c]] + r0, yp[i], (size_t)nr * 4);
+            }
         }
         free(yp); free(xp); free(ap); free(tmp);
     }
+    free(off); free(cr); free(cw);
     free(xnat);
     free(acts);
     free(mem);
     return 0;
+}
+
+/* y[M, N] (fp32) = x[M, K] (fp32 or bf16) @ W[e]^T. Returns 0, or -1 for an unsupported shape. */
+int qk_linear(const qk_mat *w, int e, const void *x, int xbf16, int m, float *y, int nthreads, int mode) {
+    return qk_linear_many(&w, 1, e, x, xbf16, m, y, nthreads, mode);
 }
 
 /* ---------------------------------------------------------------- public: dequantize rows */
@@ -955,23 +978,38 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
     }
     jstart[nj] = pos;
     free(done);
+    /* phase 1 work items: (job, QK_CHUNK rows of its stacked [gate; up] output), job-major; item_job[i] its job */
     const int64_t CH = 16;
+    int64_t n1 = 0;
+    for (int j = 0; j < nj; j++) n1 += (2 * sl[order[jstart[j]]].inter + QK_CHUNK - 1) / QK_CHUNK;
+    int *item_job = (int *)malloc(sizeof(int) * (n1 > 0 ? n1 : 1));
+    if (!item_job) {
+        free(order); free(jstart); free(hn); free(hb); free(xn); free(ah); free(ax); free(sl); free(mem);
+        return -2;
+    }
+    int64_t *item_row = (int64_t *)malloc(sizeof(int64_t) * (n1 > 0 ? n1 : 1));
+    if (!item_row) {
+        free(item_job); free(order); free(jstart); free(hn); free(hb); free(xn); free(ah); free(ax); free(sl);
+        free(mem);
+        return -2;
+    }
+    for (int j = 0, i = 0; j < nj; j++)
+        for (int64_t r = 0; r < 2 * sl[order[jstart[j]]].inter; r += QK_CHUNK, i++) { item_job[i] = j; item_row[i] = r; }
+    const int64_t n3 = (H + QK_CHUNK - 1) / QK_CHUNK;
     int nt = nthreads < 1 ? 1 : nthreads;
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int th, TH;
-        team(&th, &TH);
-        /* 1: gate+up of every job, this thread's share of the rows; a chunk of rows serves all the job's tokens */
-        for (int j = 0; j < nj; j++) {
+        /* 1: gate+up of every job, in chunks of rows taken dynamically; a chunk serves all the job's tokens */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n1; it++) {
+            int j = item_job[it];
             const slot_t *s0 = &sl[order[jstart[j]]];
-            int64_t lo, hi;
-            part(2 * s0->inter, TH, th, &lo, &hi);
-            { /* the next matrix's start: the next job's gate+up, or the first job's down */
-                const slot_t *s1 = &sl[order[jstart[(j + 1) % nj]]];
-                int64_t l1, h1;
-                if (j + 1 < nj) { part(2 * s1->inter, TH, th, &l1, &h1); if (h1 > l1) prefetch_gu(s1, l1, h1); }
-                else { part(H, TH, th, &l1, &h1); prefetch_rows(s1->dn, s1->e, l1, h1, PF); }
+            int64_t lo = item_row[it], hi = lo + QK_CHUNK < 2 * s0->inter ? lo + QK_CHUNK : 2 * s0->inter;
+            if (it + 1 < n1) { /* the next item's rows: most often this thread's next, and in the shared cache */
+                const slot_t *s1 = &sl[order[jstart[item_job[it + 1]]]];
+                int64_t l1 = item_row[it + 1], h1 = l1 + QK_CHUNK < 2 * s1->inter ? l1 + QK_CHUNK : 2 * s1->inter;
+                prefetch_gu(s1, l1, h1);
             }
             int C = jstart[j + 1] - jstart[j];
             const qk_act *ap[C];
@@ -991,9 +1029,9 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                 mat_rows_multi(m, s0->e, local, nr, ap, xp, yp, C, mode);
             }
         }
-#pragma omp barrier
         /* 2: SiLU(gate) * up, prepared for the down projection's format */
-        for (int s = th; s < ns; s += TH) {
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < ns; s++) {
             int in = sl[s].inter;
 #ifdef QK_X86
             if (g_isa >= 1) swiglu_avx2(hb[s], hb[s] + in, hn[s], in);
@@ -1002,12 +1040,12 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                 for (int i = 0; i < in; i++) hn[s][i] = silu(hb[s][i]) * hb[s][in + i];
             if (g_isa >= 1) act_prepare(&ah[s], hn[s], act_layout(sl[s].dn, mode), mode);
         }
-#pragma omp barrier
-        /* 3: down of every job, this thread's rows of the output, weighted sum into each token's row */
-        {
-            int64_t lo, hi;
-            part(H, TH, th, &lo, &hi);
-            float *tmp = (float *)malloc(sizeof(float) * CH * ns);
+        /* 3: down of every job for a chunk of output rows taken dynamically, weighted sum into each token's row (the
+         * jobs in one order for every row, whichever thread runs it) */
+        float *tmp = (float *)malloc(sizeof(float) * CH * ns);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n3; it++) {
+            int64_t lo = it * QK_CHUNK, hi = lo + QK_CHUNK < H ? lo + QK_CHUNK : H;
             for (int j = 0; j < nj && tmp; j++) {
                 int C = jstart[j + 1] - jstart[j];
                 const slot_t *s0 = &sl[order[jstart[j]]];
@@ -1034,9 +1072,10 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                     }
                 }
             }
-            free(tmp);
         }
+        free(tmp);
     }
+    free(item_row); free(item_job);
     free(order); free(jstart);
     free(hn); free(hb); free(xn); free(ah); free(ax); free(sl); free(mem);
     return 0;

@@ -8,6 +8,7 @@ says why and the cpu backend keeps PyTorch's packed ops (edge_vl2.quant.linear.m
     ok, why = qkern.status()
     m = qkern.QMat.of(w)                    # w: Int4Weight / Int8Weight [N, K] or stacked [E, N, K]; no copy
     y = qkern.linear(m, x, expert=None)     # x [M, K] bf16 / fp32 -> fp32 [M, N]
+    y = qkern.linear_many([mq, mk, mv], x)  # one input, several weights: fp32 [M, Nq + Nk + Nv]
 
 Process-wide settings, read once (like torch.set_num_threads):
 - EDGE_VL2_CPU_ISA = scalar | avx2 | avx-vnni caps the instruction set (default: the best this CPU has). Kiosk PCs
@@ -75,6 +76,7 @@ def _library_file() -> Path | None:
 def _bind(lib: ctypes.CDLL) -> None:
     P, i, vp = ctypes.POINTER(QMat), ctypes.c_int, ctypes.c_void_p
     lib.qk_linear.argtypes = [P, i, vp, i, i, vp, i, i]
+    lib.qk_linear_many.argtypes = [ctypes.POINTER(P), i, i, vp, i, i, vp, i, i]
     lib.qk_moe.argtypes = [P, P, P, P, P, P, vp, i, i, vp, vp, i, vp, i, i]
     lib.qk_dequant.argtypes = [P, i, ctypes.c_int64, ctypes.c_int64, vp, i]
     lib.qk_read.argtypes = [vp, ctypes.c_int64, i]
@@ -101,7 +103,7 @@ def _load() -> None:
     except (OSError, AttributeError) as e:
         _State.why = f"cannot load {path.name}: {e}"
         return
-    if lib.qk_abi() != ctypes.sizeof(QMat) * 100 + 1:
+    if lib.qk_abi() != ctypes.sizeof(QMat) * 100 + 2:
         _State.why = f"{path.name} is from another version of qkern.c (rebuild: pip install -e .)"
         return
     want = os.environ.get(ISA_ENV, "").strip().lower()
@@ -176,6 +178,17 @@ def linear(m: QMat, x: torch.Tensor, expert: int | None = None, mode: int = 0) -
     y = torch.empty(xc.shape[0], m.n, dtype=torch.float32)
     _check(library().qk_linear(ctypes.byref(m), expert or 0, xc.data_ptr(), bf, xc.shape[0], y.data_ptr(),
                                threads(), mode), "qk_linear")
+    return y
+
+
+def linear_many(mats: list[QMat], x: torch.Tensor, expert: int | None = None, mode: int = 0) -> torch.Tensor:
+    """x [M, K] @ [W1; ...; Wn][expert]^T -> fp32 [M, N1 + ... + Nn] in one call, x prepared once (weights of one
+    input, such as a layer's q, k and v projections; they must share K and format family)."""
+    xc, bf = _activations(x)
+    y = torch.empty(xc.shape[0], sum(m.n for m in mats), dtype=torch.float32)
+    ptrs = (ctypes.POINTER(QMat) * len(mats))(*(ctypes.pointer(m) for m in mats))
+    _check(library().qk_linear_many(ptrs, len(mats), expert or 0, xc.data_ptr(), bf, xc.shape[0], y.data_ptr(),
+                                    threads(), mode), "qk_linear_many")
     return y
 
 
