@@ -221,6 +221,27 @@ def test_cpu_backend_picks_qkern_reads_in_place_and_falls_back(monkeypatch):
         make_op(w, "cpu", kernel="fast")
 
 
+def test_project_runs_a_layers_qkv_in_one_call_with_the_same_numbers(monkeypatch):
+    """edge_vl2.model.layers.project over QuantLinear layers on qkern: one qk_linear_many call for few rows, bit for
+    bit the separate layers' outputs; many rows, other formats or other kernels go one layer at a time."""
+    from edge_vl2.model.layers import project
+
+    ws = [quantize_rtn_int4(_weight(n, 256, seed=n), 64, True) for n in (128, 64, 64)]
+    layers = [QuantLinear(w, "cpu") for w in ws]
+    calls, real_many = [], qkern.linear_many
+    monkeypatch.setattr(qkern, "linear_many", lambda *a, **k: calls.append(1) or real_many(*a, **k))
+    for rows in (1, 3, 64):
+        x = _x(rows, 256).to(torch.bfloat16)
+        got = project(x, *layers)
+        assert all(torch.equal(g, layer(x)) for g, layer in zip(got, layers))
+    assert len(calls) == 2  # 1 and 3 rows; 64 rows take the fp32 dequantize path per layer
+    mixed = [layers[0], QuantLinear(quantize_rtn_int8(_weight(64, 256)), "cpu")]
+    assert layers[0].forward_many(_x(1, 256), mixed[1:]) is None
+    torch_ops = [QuantLinear(w, "cpu", kernel="torch") for w in ws]
+    assert torch_ops[0].forward_many(_x(1, 256), torch_ops[1:]) is None
+
+
+
 def test_quant_experts_on_qkern_are_not_fused_and_run_one_call():
     gate, up, down = (quantize_rtn_int4(_weight(*s, seed=n), 64, True)
                       for n, s in enumerate([(8, 64, 128), (8, 64, 128), (8, 128, 64)]))

@@ -14,7 +14,7 @@ from torch import nn
 
 from .cache import LayerCache
 from .config import LanguageConfig
-from .layers import Linear, RMSNorm, matmul, rope_interleaved, rope_rotate_half, rope_span
+from .layers import Linear, RMSNorm, matmul, project, rope_interleaved, rope_rotate_half, rope_span
 
 
 def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
@@ -42,9 +42,10 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None) -> torch.Tensor:
         s = x.shape[0]
-        q = self.q_proj(x).view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
-        k = self.k_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
+        k = k.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
         cos, sin = rope_span(self.head_dim, self.theta, start, s, x.device)
         q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
         if cache is not None:
@@ -92,9 +93,9 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, start: int, cache: LayerCache | None = None,
                 absorb: bool | None = None) -> torch.Tensor:
         s = x.shape[0]
-        q = self.q_proj(x).view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
+        q, kv = project(x, self.q_proj, self.kv_a_proj_with_mqa)  # kv [S, c + r]
+        q = q.view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
         q_nope, q_pe = q[..., :self.d_nope], q[..., self.d_nope:]
-        kv = self.kv_a_proj_with_mqa(x)  # [S, c + r]
         latent = self.kv_a_layernorm(kv[:, :self.rank])
         cos, sin = rope_span(self.d_rope, self.theta, start, s, x.device)
         q_pe, k_pe = rope_interleaved(q_pe, cos, sin), rope_interleaved(kv[:, self.rank:], cos, sin)

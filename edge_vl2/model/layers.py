@@ -37,6 +37,14 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """x through several linear layers that share it as input (q, k, v) -> their outputs. Quantized layers that can
+    multiply them in one kernel call (`forward_many`, the cpu backend's decode path) do; others run one by one."""
+    many = getattr(layers[0], "forward_many", None)
+    out = many(x, layers[1:]) if many is not None else None
+    return tuple(layer(x) for layer in layers) if out is None else out
+
+
 class RMSNorm(nn.Module):
     """Official DeepSeek RMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
 

@@ -203,6 +203,17 @@ class QuantLinear(nn.Module):
         y = self.op(x.reshape(-1, self.in_features))  # [M, out]
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def forward_many(self, x: torch.Tensor, others) -> tuple[torch.Tensor, ...] | None:
+        """This layer and `others` (QuantLinear layers of the same input x) in one kernel call, when the op can
+        (qkern, few rows: `edge_vl2.model.layers.project`); None when it cannot."""
+        many = getattr(self.op, "forward_many", None)
+        if many is None or not all(isinstance(o, QuantLinear) for o in others):
+            return None
+        ys = many(x.reshape(-1, self.in_features), [o.op for o in others])
+        if ys is None:
+            return None
+        return tuple(y.to(x.dtype).contiguous().reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
+
     def describe(self) -> str:
         return f"{self.backend}: {self.op.describe()}"
 

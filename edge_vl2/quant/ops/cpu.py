@@ -214,6 +214,17 @@ class QkernOp(CpuOp):
             self._mat = self._qkern.QMat.of(self.weight())
         return self._mat
 
+    def forward_many(self, x: torch.Tensor, others: list) -> list[torch.Tensor] | None:
+        """x [M, K] through this weight and `others` (qkern ops of the same K and format) in one qkern call -> their
+        outputs, fp32; None when a weight differs or x has many rows (the dequantize path)."""
+        ops = [self, *others]
+        if self.n_experts is not None or not all(isinstance(o, QkernOp) and o.format == self.format and
+                                                 o.in_features == self.in_features and o.n_experts is None
+                                                 for o in others) or any(o._use_dequant(x) for o in ops):
+            return None
+        y = self._qkern.linear_many([o.mat() for o in ops], x)
+        return list(y.split([o.out_features for o in ops], dim=1))
+
     def forward(self, x, expert=None):
         self._check_expert(expert)
         if self._use_dequant(x):
