@@ -14,7 +14,8 @@ from torch import nn
 
 from .cache import LayerCache
 from .config import LanguageConfig
-from .layers import Linear, RMSNorm, matmul, project, rope_interleaved, rope_rotate_half, rope_span
+from .layers import (Linear, RMSNorm, matmul, project, rope_interleaved, rope_rotate_half_with, rope_span,
+                     rope_span_rotate_half)
 
 
 def causal_softmax(scores: torch.Tensor, start: int) -> torch.Tensor:
@@ -46,8 +47,8 @@ class MultiHeadAttention(nn.Module):
         q = q.view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
         k = k.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
         v = v.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        cos, sin = rope_span(self.head_dim, self.theta, start, s, x.device)
-        q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
+        cos2, sin2 = rope_span_rotate_half(self.head_dim, self.theta, start, s, x.device, q.dtype)
+        q, k = rope_rotate_half_with(q, cos2, sin2), rope_rotate_half_with(k, cos2, sin2)
         if cache is not None:
             cache.tensors["k"][:, start:start + s] = k
             cache.tensors["v"][:, start:start + s] = v
