@@ -107,8 +107,9 @@ def test_linear_many_equals_one_call_per_weight(tier, rows):
         qkern.linear_many(mats + [qkern.QMat.of(quantize_rtn_int4(_weight(8, 128), 64, True))], x)
 
 
-def test_threads_split_rows_without_changing_the_result(tier):
-    w = quantize_rtn_int4(_weight(200, 512), 128, False)
+@pytest.mark.parametrize("n", [200, 5000])  # 64-row chunks; a tall weight's chunks of 128
+def test_threads_split_rows_without_changing_the_result(tier, n):
+    w = quantize_rtn_int4(_weight(n, 512), 128, False)
     x = _x(3, 512)
     qkern.set_threads(1)
     one = qkern.linear(qkern.QMat.of(w), x)

@@ -37,6 +37,14 @@
  * result does not depend on the number of threads. */
 #define QK_CHUNK 64
 
+/* rows per chunk of an n-row weight in qk_linear_many: QK_CHUNK, or more for tall weights (an lm_head's 129,280
+ * rows: 64 chunks of 2,048, not 2,020 trips to the shared counter); a function of n alone, never of the threads */
+static inline int64_t chunk_rows(int64_t n) {
+    int64_t c = (n + 63) / 64;
+    c = (c + QK_CHUNK - 1) / QK_CHUNK * QK_CHUNK;
+    return c > QK_CHUNK ? c : QK_CHUNK;
+}
+
 typedef struct {
     int32_t bits;  /* 4 or 8 */
     int32_t n, k;  /* out, in */
@@ -745,7 +753,7 @@ int qk_linear_many(const qk_mat *const *ws, int nw, int e, const void *x, int xb
         if (!mat_ok(ws[i])) return -1;
         if (ws[i]->k != k || act_layout(ws[i], mode) != layout) return -3;
         ntot += ws[i]->n;
-        nchunks += (ws[i]->n + QK_CHUNK - 1) / QK_CHUNK;
+        nchunks += (ws[i]->n + chunk_rows(ws[i]->n) - 1) / chunk_rows(ws[i]->n);
     }
     size_t ab = act_bytes(k);
     char *mem = (char *)malloc((size_t)m * (ab + (size_t)k * 4 + 64));
@@ -759,7 +767,7 @@ int qk_linear_many(const qk_mat *const *ws, int nw, int e, const void *x, int xb
     }
     for (int i = 0, c = 0; i < nw; i++) {
         off[i] = i ? off[i - 1] + ws[i - 1]->n : 0;
-        for (int64_t r = 0; r < ws[i]->n; r += QK_CHUNK, c++) { cw[c] = i; cr[c] = r; }
+        for (int64_t r = 0; r < ws[i]->n; r += chunk_rows(ws[i]->n), c++) { cw[c] = i; cr[c] = r; }
     }
     for (int i = 0; i < m; i++) {
         char *base = mem + (size_t)i * (ab + (size_t)k * 4 + 64);
@@ -783,7 +791,7 @@ int qk_linear_many(const qk_mat *const *ws, int nw, int e, const void *x, int xb
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             const qk_mat *w = ws[cw[c]];
-            int64_t hi = cr[c] + QK_CHUNK < w->n ? cr[c] + QK_CHUNK : w->n;
+            int64_t hi = cr[c] + chunk_rows(w->n) < w->n ? cr[c] + chunk_rows(w->n) : w->n;
             for (int64_t r0 = cr[c]; r0 < hi; r0 += CH) {
                 int64_t nr = hi - r0 < CH ? hi - r0 : CH;
                 mat_rows_multi(w, e, r0, nr, ap, xp, yp, m, mode);
