@@ -7,8 +7,8 @@ Configurations run one after another, each in its own child process (its peak RS
 - the bundle on its backend (on the cpu backend: qkern where it loads), or the checkpoint per dtype (--model);
 - `--vs torch`: the same bundle on the cpu backend's PyTorch ops (the path before qkern);
 - `--vs reference`: the full-precision path, the bundle's source checkpoint (or --model) in bf16;
-- `--vs llamacpp`: llama.cpp on a GGUF of the same decoder weights, Q4_0 and Q4_K_M (edge_vl2.tools.peer), same
-  prompt tokens and threads.
+- `--vs llamacpp`: llama.cpp (llama-cpp-python) on GGUFs of the same decoder weights, Q4_0 and Q4_K_M, written once
+  into --gguf-dir by edge_vl2.tools.peer (bf16 source, llama.cpp's own quantizer), same prompt ids and threads.
 A record per configuration: load (with and without hash verification), vision per tile, prefill tok/s, decode
 ms/token (median, p90), bytes read per decode token (the decoder's weights as they are held, routed experts at k/E,
 one embedding row, plus the cache read at the mean decode context), the GB/s that achieves and its share of the
