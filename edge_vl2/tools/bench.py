@@ -190,8 +190,10 @@ def machine_record(threads: int) -> dict:
     """What the figures stand on: the CPU's vector extensions, qkern's tier, the load, the read bandwidth."""
     import torch
 
+    from ..quant.kernels import qkern
     from ..quant.linear import cpu_kernel_line
 
+    qkern.set_threads(threads)  # the children's count (they get EDGE_VL2_CPU_THREADS), for the kernel line
     flags = set()
     try:
         for line in open("/proc/cpuinfo"):
