@@ -14,7 +14,7 @@
  * ISA tiers, chosen at run time (one binary for every x86-64; the AVX2 functions carry `target` attributes):
  *   0 scalar (fp32, any CPU; mode ignored), 1 AVX2+FMA+F16C, 2 = 1 plus AVX-VNNI for the INT4 int8 dot products.
  *   qk_set_isa caps the tier (tests run every tier; EDGE_VL2_CPU_ISA in the Python wrapper).
- * Threads: OpenMP, rows handed out in chunks (QK_CHUNK; the process's libgomp: torch's, when torch is loaded first).
+ * Threads: OpenMP (the process's libgomp: torch's, when torch is loaded first); see QK_CHUNK for how rows are split.
  * Not reentrant across Python threads calling into one process's OpenMP pool at once.
  * Called through ctypes (edge_vl2/quant/kernels/qkern.py): no Python or torch headers.
  */
@@ -31,10 +31,11 @@
 #endif
 
 #define QK_BLK 32
-/* Threads take output rows QK_CHUNK at a time from a shared counter (OpenMP dynamic schedule) rather than a fixed
- * half each: on a host shared with other jobs, a thread that is descheduled for a while leaves its rows to the one
- * that runs instead of holding up the call. Each output row is still computed by one thread, in one order, so the
- * result does not depend on the number of threads. */
+/* qk_linear(_many): threads take output rows QK_CHUNK at a time from a shared counter (OpenMP dynamic schedule)
+ * rather than a fixed half each, so a thread the shared host deschedules leaves its rows to the one that runs. The MoE
+ * step keeps a static partition (contiguous halves of each matrix): measured at 2 threads on the 2-core box, dynamic
+ * 64-row chunks made it 11 % slower (12.9 vs 11.6 ms per token over 11 layers: each thread's stream restarts every
+ * chunk). Either way each output row is computed by one thread, in one order: results do not depend on the threads. */
 #define QK_CHUNK 64
 
 /* rows per chunk of an n-row weight in qk_linear_many: QK_CHUNK, or more for tall weights (an lm_head's 129,280
@@ -715,6 +716,14 @@ static inline void team(int *t, int *T) {
 #endif
 }
 
+static inline void part(int64_t n, int nt, int t, int64_t *lo, int64_t *hi) {
+    /* contiguous ranges, multiples of 4 rows except the last */
+    int64_t quads = (n + 3) / 4, per = quads / nt, rem = quads % nt;
+    int64_t q0 = t * per + (t < rem ? t : rem), q1 = q0 + per + (t < rem ? 1 : 0);
+    *lo = q0 * 4 < n ? q0 * 4 : n;
+    *hi = q1 * 4 < n ? q1 * 4 : n;
+}
+
 #ifdef QK_X86
 __attribute__((target("avx2"))) static void bf16_row_avx2(const uint16_t *p, int k, float *dst) {
     int j = 0;
@@ -986,38 +995,23 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
     }
     jstart[nj] = pos;
     free(done);
-    /* phase 1 work items: (job, QK_CHUNK rows of its stacked [gate; up] output), job-major; item_job[i] its job */
     const int64_t CH = 16;
-    int64_t n1 = 0;
-    for (int j = 0; j < nj; j++) n1 += (2 * sl[order[jstart[j]]].inter + QK_CHUNK - 1) / QK_CHUNK;
-    int *item_job = (int *)malloc(sizeof(int) * (n1 > 0 ? n1 : 1));
-    if (!item_job) {
-        free(order); free(jstart); free(hn); free(hb); free(xn); free(ah); free(ax); free(sl); free(mem);
-        return -2;
-    }
-    int64_t *item_row = (int64_t *)malloc(sizeof(int64_t) * (n1 > 0 ? n1 : 1));
-    if (!item_row) {
-        free(item_job); free(order); free(jstart); free(hn); free(hb); free(xn); free(ah); free(ax); free(sl);
-        free(mem);
-        return -2;
-    }
-    for (int j = 0, i = 0; j < nj; j++)
-        for (int64_t r = 0; r < 2 * sl[order[jstart[j]]].inter; r += QK_CHUNK, i++) { item_job[i] = j; item_row[i] = r; }
-    const int64_t n3 = (H + QK_CHUNK - 1) / QK_CHUNK;
     int nt = nthreads < 1 ? 1 : nthreads;
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        /* 1: gate+up of every job, in chunks of rows taken dynamically; a chunk serves all the job's tokens */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < n1; it++) {
-            int j = item_job[it];
+        int th, TH;
+        team(&th, &TH);
+        /* 1: gate+up of every job, this thread's share of the rows; a chunk of rows serves all the job's tokens */
+        for (int j = 0; j < nj; j++) {
             const slot_t *s0 = &sl[order[jstart[j]]];
-            int64_t lo = item_row[it], hi = lo + QK_CHUNK < 2 * s0->inter ? lo + QK_CHUNK : 2 * s0->inter;
-            if (it + 1 < n1) { /* the next item's rows: most often this thread's next, and in the shared cache */
-                const slot_t *s1 = &sl[order[jstart[item_job[it + 1]]]];
-                int64_t l1 = item_row[it + 1], h1 = l1 + QK_CHUNK < 2 * s1->inter ? l1 + QK_CHUNK : 2 * s1->inter;
-                prefetch_gu(s1, l1, h1);
+            int64_t lo, hi;
+            part(2 * s0->inter, TH, th, &lo, &hi);
+            { /* the next matrix's start: the next job's gate+up, or the first job's down */
+                const slot_t *s1 = &sl[order[jstart[(j + 1) % nj]]];
+                int64_t l1, h1;
+                if (j + 1 < nj) { part(2 * s1->inter, TH, th, &l1, &h1); if (h1 > l1) prefetch_gu(s1, l1, h1); }
+                else { part(H, TH, th, &l1, &h1); prefetch_rows(s1->dn, s1->e, l1, h1, PF); }
             }
             int C = jstart[j + 1] - jstart[j];
             const qk_act *ap[C];
@@ -1037,9 +1031,9 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                 mat_rows_multi(m, s0->e, local, nr, ap, xp, yp, C, mode);
             }
         }
+#pragma omp barrier
         /* 2: SiLU(gate) * up, prepared for the down projection's format */
-#pragma omp for schedule(dynamic, 1)
-        for (int s = 0; s < ns; s++) {
+        for (int s = th; s < ns; s += TH) {
             int in = sl[s].inter;
 #ifdef QK_X86
             if (g_isa >= 1) swiglu_avx2(hb[s], hb[s] + in, hn[s], in);
@@ -1048,12 +1042,12 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                 for (int i = 0; i < in; i++) hn[s][i] = silu(hb[s][i]) * hb[s][in + i];
             if (g_isa >= 1) act_prepare(&ah[s], hn[s], act_layout(sl[s].dn, mode), mode);
         }
-        /* 3: down of every job for a chunk of output rows taken dynamically, weighted sum into each token's row (the
-         * jobs in one order for every row, whichever thread runs it) */
-        float *tmp = (float *)malloc(sizeof(float) * CH * ns);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < n3; it++) {
-            int64_t lo = it * QK_CHUNK, hi = lo + QK_CHUNK < H ? lo + QK_CHUNK : H;
+#pragma omp barrier
+        /* 3: down of every job, this thread's rows of the output, weighted sum into each token's row */
+        {
+            int64_t lo, hi;
+            part(H, TH, th, &lo, &hi);
+            float *tmp = (float *)malloc(sizeof(float) * CH * ns);
             for (int j = 0; j < nj && tmp; j++) {
                 int C = jstart[j + 1] - jstart[j];
                 const slot_t *s0 = &sl[order[jstart[j]]];
@@ -1080,10 +1074,9 @@ int qk_moe(const qk_mat *gate, const qk_mat *up, const qk_mat *dn, const qk_mat 
                     }
                 }
             }
+            free(tmp);
         }
-        free(tmp);
     }
-    free(item_row); free(item_job);
     free(order); free(jstart);
     free(hn); free(hb); free(xn); free(ah); free(ax); free(sl); free(mem);
     return 0;
