@@ -89,3 +89,25 @@ def test_bad_options_are_one_line_errors(tmp_path_factory):
         proc = cli("bench", *(("--bundle", bundle) if args else ()), *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert needle in proc.stderr
+
+
+def test_llamacpp_peer_runs_on_gguf_of_the_same_decoder(tmp_path_factory, tmp_path):
+    """`--vs llamacpp`: the GGUFs are written once into --gguf-dir (bf16 source, then llama.cpp's own quantizer) and
+    llama.cpp decodes the same prompt ids; a second run reuses the files."""
+    pytest.importorskip("llama_cpp")
+    from _bundles import checkpoint
+
+    model = checkpoint(tmp_path_factory, "tiny")
+    args = ("bench", "--model", model, "--vs", "llamacpp", "--prompt-tokens", "8", "--new-tokens", "3", "--gguf-dir",
+            tmp_path)
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    by_name = {r["config"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    for quant in ("Q4_0", "Q4_K_M"):
+        r = by_name[f"llamacpp-{quant}"]
+        assert "error" not in r, r
+        assert r["decode_tok_s"] > 0 and r["prompt_tokens"] == 8 and r["gguf"] == str(tmp_path / f"tiny-{quant}.gguf")
+    written = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert set(written) == {"tiny-bf16.gguf", "tiny-Q4_0.gguf", "tiny-Q4_K_M.gguf"}
+    assert cli(*args).returncode == 0
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == written
