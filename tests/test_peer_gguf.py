@@ -131,6 +131,33 @@ def test_llama_cpp_f32_logits_equal_our_fp32_decoder(f32_gguf, tokens, our_logit
 
 
 @needs_llama_cpp
+def test_llama_cpp_with_our_embeddings_at_masked_positions(tiny, f32_gguf, tokens):
+    """Image positions: vectors we pass in at masked positions, token ids elsewhere, in runs shorter and longer than
+    llama.cpp's batch; the logits equal our fp32 decoder's on the same input embeddings (same bound and reason as
+    the token-only test)."""
+    from edge_vl2.tools.peer.llama_runner import LlamaCppModel
+
+    vl2, _ = load_model(tiny, dtype=torch.float32)
+    lm = vl2.language
+    mask = torch.zeros(len(tokens), dtype=torch.bool)
+    mask[3:40] = True  # one run longer than n_batch=16 below, so it is split
+    mask[90:95] = True
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        embeds = lm.model.embed_tokens(torch.tensor(tokens))
+        image = torch.randn(int(mask.sum()), embeds.shape[1], generator=g) * embeds.std()
+        embeds[mask] = image
+        ours = lm.logits(lm(embeds)).numpy()
+    m = LlamaCppModel(f32_gguf, n_ctx=len(tokens), kv_type="f32", logits_all=True, n_batch=16)
+    try:
+        theirs = m.logits_with_embeddings(tokens, mask.numpy(), image.numpy())
+    finally:
+        m.close()
+    err, scale = float(np.abs(theirs - ours).max()), float(np.abs(ours).max())
+    assert err <= 2e-5 * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"
+
+
+@needs_llama_cpp
 def test_quantized_ggufs(f32_gguf, tokens, our_logits, tmp_path):
     """llama.cpp's quantizer writes each type (router and norms kept F32); the files are smaller than f32, and
     Q8_0's logits stay close to the fp32 decoder's (measured KL 0.004 nats, top-1 96 %;

@@ -6,6 +6,7 @@ tokenizer is not involved). One model object per configuration; threads are fixe
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import statistics
 import time
@@ -81,11 +82,58 @@ class LlamaCppModel:
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
+    def logits_with_embeddings(self, tokens: Sequence[int], mask: Sequence[bool], embeds: np.ndarray) -> np.ndarray:
+        """fp32 logits [T, vocab] of one pass where position i reads token `tokens[i]` through the GGUF's own
+        (possibly quantized) embedding table, or, where `mask[i]`, the next row of `embeds` [mask.sum(), hidden]
+        (our image vectors: the same inputs reach both decoders). Runs of each kind go in as separate llama_decode
+        calls on one sequence, positions continuing."""
+        lc = llama_cpp_module()
+        mask = np.asarray(mask, dtype=bool)
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        hidden = self.llm.n_embd()
+        if len(mask) != len(tokens) or embeds.shape != (int(mask.sum()), hidden):
+            raise ValueError(f"{len(tokens)} tokens, {len(mask)} mask entries, embeds {embeds.shape}: expected "
+                             f"[{int(mask.sum())}, {hidden}]")
+        ctx, n_batch, vocab = self.llm.ctx, self.llm.n_batch, self.llm.n_vocab()
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        self.llm.reset()
+        out = np.empty((len(tokens), vocab), dtype=np.float32)
+        row = 0
+        for start, end, is_embed in _runs(mask, n_batch):
+            n = end - start
+            batch = lc.llama_batch_init(n, hidden if is_embed else 0, 1)
+            try:
+                batch.n_tokens = n
+                for j in range(n):
+                    batch.pos[j], batch.n_seq_id[j], batch.logits[j] = start + j, 1, True
+                    batch.seq_id[j][0] = 0
+                    if not is_embed:
+                        batch.token[j] = int(tokens[start + j])
+                if is_embed:
+                    ctypes.memmove(batch.embd, embeds[row:row + n].ctypes.data, n * hidden * 4)
+                    row += n
+                rc = lc.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc} at positions {start}..{end - 1}")
+                out[start:end] = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n * vocab,)).reshape(n, vocab)
+            finally:
+                lc.llama_batch_free(batch)
+        return out
+
     def last_logits(self) -> np.ndarray:
         return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
 
     def close(self) -> None:
         self.llm.close()
+
+
+def _runs(mask: np.ndarray, limit: int):
+    """(start, end, value) of the maximal runs of equal `mask` values, each cut to at most `limit` positions."""
+    start = 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start] or i - start == limit:
+            yield start, i, bool(mask[start])
+            start = i
 
 
 @dataclass(frozen=True)

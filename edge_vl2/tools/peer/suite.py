@@ -3,9 +3,11 @@ sizes, and llama.cpp's batch-1 prefill and decode speed on each.
 
     python -m edge_vl2.tools.peer.suite build --model CKPT --out DIR [--storage bf16]
     python -m edge_vl2.tools.peer.suite time --dir DIR [--threads 1,2] [--new-tokens 48] [--prompt-tokens 128]
+    python -m edge_vl2.tools.peer.suite check --dir DIR [--gguf PATH] [--dtype bf16] [--prompt-tokens 64]
 
 `build` writes DIR/tiny-{storage}.gguf, DIR/tiny-{TYPE}.gguf and DIR/peer.json (paths, bytes, llama.cpp system
-info); `time` prints one JSON line per (file, threads) and appends them to DIR/timings.jsonl. Heavy: run under
+info); `check` runs one GGUF in llama.cpp and our decoder on the same prose tokens and prints KL / top-1 / max
+|diff| (a full-size sanity check of the writer; the exact proof is the f32 test on the test-size model); `time` prints one JSON line per (file, threads) and appends them to DIR/timings.jsonl. Heavy: run under
 `flock /work/heavy.lock` on a shared machine.
 """
 
@@ -70,6 +72,31 @@ def time_peer_set(out_dir: str | Path, threads: list[int], prompt: list[int], ne
     return results
 
 
+def compare_logits(model: str | Path, gguf_path: str | Path, tokens: list[int], dtype: str = "bf16",
+                   threads: int = 2) -> dict:
+    """KL(ours || llama.cpp) mean and max over positions, top-1 agreement and max |logit diff| on `tokens`."""
+    import torch
+
+    from ...model.vl2 import load_model
+    from .llama_runner import LlamaCppModel
+
+    m = LlamaCppModel(gguf_path, n_ctx=len(tokens), threads=threads, kv_type="f32", logits_all=True)
+    try:
+        theirs = torch.from_numpy(m.logits(tokens))
+    finally:
+        m.close()
+    vl2, _ = load_model(model, dtype=getattr(torch, {"bf16": "bfloat16", "f32": "float32"}[dtype]))
+    lm = vl2.language
+    with torch.inference_mode():
+        ours = lm.logits(lm(lm.model.embed_tokens(torch.tensor(tokens))))
+    del vl2, lm
+    lp, lq = ours.log_softmax(-1), theirs.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return {"gguf": str(gguf_path), "ours": dtype, "positions": len(tokens), "kl_mean": kl.mean().item(),
+            "kl_max": kl.max().item(), "top1": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),
+            "max_abs_diff": (ours - theirs).abs().max().item(), "logit_absmax": ours.abs().max().item()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge_vl2.tools.peer.suite")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -82,10 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", default="1,2")
     t.add_argument("--new-tokens", type=int, default=48)
     t.add_argument("--prompt-tokens", type=int, default=128)
+    c = sub.add_parser("check")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--gguf", default=None, help="default: the source GGUF in peer.json")
+    c.add_argument("--dtype", default="bf16", choices=("bf16", "f32"))
+    c.add_argument("--prompt-tokens", type=int, default=64)
     args = p.parse_args(argv)
     try:
         if args.cmd == "build":
             print(json.dumps(build_peer_set(args.model, args.out, args.storage), indent=1))
+        elif args.cmd == "check":
+            record = json.loads((Path(args.dir) / "peer.json").read_text())
+            tokens = prompt_tokens(record["model"], args.prompt_tokens)
+            print(json.dumps(compare_logits(record["model"], args.gguf or record["source"]["path"], tokens,
+                                            args.dtype)), flush=True)
         else:
             model = json.loads((Path(args.dir) / "peer.json").read_text())["model"]
             print(json.dumps({"llama_cpp": system_info()}), flush=True)
