@@ -1,4 +1,5 @@
-"""Device profiles (devices/*.toml, shipped as package data): memory budget, bandwidth, backends, tile limit.
+"""Device profiles (devices/*.toml, shipped as package data): memory budget, bandwidth, backends, tile limit, cpu
+kernel threads (optional).
 
 `check_fit` refuses, before anything is loaded, a model or bundle that cannot fit the device's memory budget.
 """
@@ -14,6 +15,8 @@ from edge_vl2 import checks
 from edge_vl2.checks import Fields
 from edge_vl2.errors import UserError, one_line
 
+OPTIONAL = ("cpu_threads",)  # absent: EDGE_VL2_CPU_THREADS, else one thread
+MAX_THREADS = 1024
 REQUIRED = ("name", "description", "memory_budget_gb", "bandwidth_gbs", "compute_capability", "ort_providers",
             "decoder_backend", "vision_precision", "max_tiles")
 # Working memory beyond weights and cache: activations of a 4k prefill chunk, ORT arena, CUDA context, allocator
@@ -39,6 +42,7 @@ class DeviceProfile:
     decoder_backend: str
     vision_precision: str
     max_tiles: int
+    cpu_threads: int | None = None  # threads of the cpu decoder kernels (qkern); None: EDGE_VL2_CPU_THREADS, else 1
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "DeviceProfile":
@@ -47,9 +51,10 @@ class DeviceProfile:
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise UserError(f"{source}: device profile lacks {missing[0]!r}")
-        unknown = sorted(set(d) - set(REQUIRED))
+        unknown = sorted(set(d) - set(REQUIRED) - set(OPTIONAL))
         if unknown:
-            raise UserError(f"{source}: unknown device profile key {unknown[0]!r}; the keys are {', '.join(REQUIRED)}")
+            raise UserError(f"{source}: unknown device profile key {unknown[0]!r}; the keys are "
+                            f"{', '.join(REQUIRED + OPTIONAL)}")
         providers = f.raw("ort_providers")
         if not isinstance(providers, list) or not providers or not all(isinstance(p, str) and p for p in providers):
             raise UserError(f"{f.name('ort_providers')} must be a non-empty list of provider names, got "
@@ -62,7 +67,8 @@ class DeviceProfile:
                    bandwidth_gbs=f.float("bandwidth_gbs", 0, 1e5, lo_open=True), compute_capability=capability,
                    ort_providers=tuple(providers), decoder_backend=f.str("decoder_backend", options=("cpu", "cuda")),
                    vision_precision=f.str("vision_precision", options=("fp32", "fp16", "int8")),
-                   max_tiles=f.int("max_tiles", 2, 1 + MAX_GRID))
+                   max_tiles=f.int("max_tiles", 2, 1 + MAX_GRID),
+                   cpu_threads=f.int("cpu_threads", 1, MAX_THREADS) if "cpu_threads" in d else None)
 
     def decode_roofline_tok_s(self, bytes_per_token: float) -> float:
         """Upper bound on decode speed: bandwidth / bytes read per generated token."""

@@ -127,3 +127,15 @@ def test_chunked_prefill_and_decode_equal_full_forward(kind, kw):
     # matmul shapes) can round to neighbouring fp32 values: measured max 1e-7 on outputs of size ~2.7. 1e-6 covers a
     # few such 1-ulp flips; a wrong cache slot, position offset or mask is O(0.1).
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_ready_tables_is_bit_for_bit_rope_rotate_half(dtype):
+    """The decode path's RoPE (tables cast and laid out once per span) gives exactly rope_rotate_half's numbers."""
+    from edge_vl2.model.layers import rope_rotate_half, rope_rotate_half_with, rope_span, rope_span_rotate_half
+
+    x = torch.randn(10, 3, 128, generator=torch.Generator().manual_seed(0)).to(dtype) * 30
+    for start in (0, 7, 4000):
+        cos, sin = rope_span(128, 10000.0, start, 3, x.device)
+        ready = rope_span_rotate_half(128, 10000.0, start, 3, x.device, dtype)
+        assert torch.equal(rope_rotate_half_with(x, *ready), rope_rotate_half(x, cos, sin))

@@ -1,7 +1,10 @@
 """QuantLinear (edge_vl2.quant.linear; its kernels in edge_vl2.quant.ops): every backend == its dequantized fp32 reference
 within a stated tolerance.
 
-Tolerance of the bf16 backends (cpu; cuda on a GPU). The packed ops round, each to 8 significant bits (relative
+The cpu backend's PyTorch ops are checked here (kernel="torch"); its default kernel where it builds, qkern, rounds
+activations to int8 instead and has its own file (tests/test_qkern.py).
+
+Tolerance of the bf16 backends (cpu on PyTorch's ops; cuda on a GPU). The packed ops round, each to 8 significant bits (relative
 error <= u = 2^-9): the activations, the scales, PyTorch's INT4 zero offset (8 - z) * s, and the output. The weight
 the op multiplies by is (c - 8) * s' + zero', so per output element
 
@@ -83,7 +86,7 @@ def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: Int4Weight | Int8Weig
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_cpu_backend_matches_dequantized_reference(fmt, rows):
     w = FORMATS[fmt](_weight())
-    layer = QuantLinear(w, "cpu", torch.float32)
+    layer = QuantLinear(w, "cpu", torch.float32, kernel="torch")
     x = _x(rows, 256)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
@@ -117,7 +120,7 @@ def test_cpu_ops_read_identity_activations_back_exactly(fmt):
     w = FORMATS[fmt](_weight(out=32, inp=128))
     scales = torch.exp2(torch.randint(-6, 2, w.scales.shape, generator=torch.Generator().manual_seed(3)).float())
     w = type(w)(**{**w.tensors(), "scales": scales.half()})
-    y = QuantLinear(w, "cpu", torch.float32)(torch.eye(128))
+    y = QuantLinear(w, "cpu", torch.float32, kernel="torch")(torch.eye(128))
     assert torch.equal(y, w.dequantize().T)
 
 
@@ -158,7 +161,7 @@ def test_cpu_runs_shapes_its_packed_ops_cannot_take(w):
     """Every weight the export can write runs on the default backend: such shapes take the fp32 dequantize path,
     so they match the reference up to the bf16 rounding of the input (<= 2^-8 relative per element)."""
     x = torch.randn(3, w.shape[1])
-    layer = QuantLinear(w, "cpu", torch.float32)
+    layer = QuantLinear(w, "cpu", torch.float32, kernel="torch")
     assert "dequantize" in layer.describe()
     want = x.to(torch.bfloat16).float() @ w.dequantize(torch.float32).T
     got = layer(x)
@@ -178,7 +181,7 @@ def test_available_backends_lists_every_backend_with_a_reason():
     assert info["reference"].available and info["cpu"].available  # torch >= 2.6 CPU builds have the packed ops
     assert all(b.detail for b in info.values())
     assert "INT4 g128 asym" in QuantLinear(quantize_rtn_int4(_weight(), 128, False), "cpu").describe()
-    assert isinstance(QuantLinear(quantize_rtn_int4(_weight(), 128, False), "cpu").op, CpuInt4Op)
+    assert isinstance(QuantLinear(quantize_rtn_int4(_weight(), 128, False), "cpu", kernel="torch").op, CpuInt4Op)
 
 
 @needs_bnb

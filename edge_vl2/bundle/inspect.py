@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..devices.profiles import available_devices, check_fit, load_device
 from ..errors import UserError
-from .loader import choose_vision
+from .loader import fit_bytes
 from .reader import Bundle
 
 GB = 1e9
@@ -75,9 +75,8 @@ def _fits_line(bundle: Bundle) -> str:
     fits, too_big = [], []
     for name in available_devices():
         profile = load_device(name)
-        graph = choose_vision(bundle, profile)
         try:
-            need = check_fit(profile, bundle.decoder_bytes + bundle.graph_bytes(graph), bundle.cache_bytes(), "")
+            need = check_fit(profile, *fit_bytes(bundle, profile), "")
             fits.append(f"{name} ({need:.1f}/{profile.memory_budget_gb:.1f} GB)")
         except UserError:
             too_big.append(name)

@@ -69,6 +69,13 @@ def choose_vision(bundle: Bundle, profile: DeviceProfile | None) -> VisionGraph:
     return (profile and bundle.manifest.graph(profile.vision_precision)) or bundle.vision_graph()
 
 
+def fit_bytes(bundle: Bundle, profile: DeviceProfile | None) -> tuple[int, int]:
+    """(weights, cache) bytes the device fit check counts for `bundle` on `profile`: the decoder files (every backend
+    holds one copy: the cpu kernels read the memory-mapped tensors in place) plus the vision graph the profile picks,
+    and a full-context cache. load_bundle, `inspect` and `bench` all count with this one function."""
+    return bundle.decoder_bytes + bundle.graph_bytes(choose_vision(bundle, profile)), bundle.cache_bytes()
+
+
 def choose_providers(profile: DeviceProfile | None) -> list[str] | None:
     """The profile's ONNX Runtime providers that are installed (None without a profile: all installed ones)."""
     if profile is None:
@@ -151,10 +158,10 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     graph = choose_vision(bundle, profile)
     budget = None
     if profile is not None:
-        weights = bundle.decoder_bytes + bundle.graph_bytes(graph)
-        check_fit(profile, weights, bundle.cache_bytes(),
+        weights, cache = fit_bytes(bundle, profile)
+        check_fit(profile, weights, cache,
                   f"bundle {bundle.path.name} ({m.variant}, {m.recipe.get('name')})")
-        budget = prefill_budget(profile, weights, bundle.cache_bytes())
+        budget = prefill_budget(profile, weights, cache)
     backend = choose_backend(backend, profile)
     device = "cuda" if backend == "cuda" or (backend == "bnb" and torch.cuda.is_available()) else "cpu"
     # embeddings stay where the decoder runs: on a GPU provider they are bound to CUDA memory (never the host)
@@ -165,6 +172,13 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     if (runner.hidden, runner.tile_shape[-1]) != want:
         raise UserError(f"{bundle.path / graph.file}: the graph maps {runner.tile_shape[-1]} px tiles to "
                         f"{runner.hidden} values, the bundle's config {want[1]} px to {want[0]}")
+    kernels = ""
+    if backend == "cpu":
+        from ..quant.kernels import qkern
+        from ..quant.linear import cpu_kernel_line
+
+        qkern.set_threads(profile.cpu_threads if profile else None)
+        kernels = cpu_kernel_line() + "; "
     model = build_decoder(bundle, backend, device, TORCH_DTYPES[dtype])
     processor = Processor.from_pretrained(bundle.path)
     capped = profile is not None and processor.max_tiles() > profile.max_tiles
@@ -173,7 +187,7 @@ def load_bundle(path: str | Path, backend: str | None = None, device_profile: st
     if log is not None:
         log(f"bundle {bundle.path.name}: {m.variant} {m.recipe.get('name')}"
             f"{' (hashes not verified)' if not verify else ''}; decoder backend {backend} on {device} "
-            f"({_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
+            f"({kernels}{_layer_counts(model)}), vision {graph.precision} graph on {', '.join(runner.providers)}"
             f"{f'; at most {profile.max_tiles} tiles per image ({profile.name})' if capped else ''}")
     info = {"bundle": str(bundle.path), "variant": m.variant, "recipe": m.recipe.get("name"), "backend": backend,
             "vision": graph.file, "vision_precision": graph.precision, "providers": list(runner.providers),

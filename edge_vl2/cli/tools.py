@@ -30,24 +30,54 @@ def synth(variant, size, out, seed):
 
 
 @click.command()
-@click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
-@click.option("--dtypes", default="fp32,bf16", show_default=True, type=types.CommaChoice(types.DTYPES),
-              help="Comma-separated; the first is the baseline.")
-@click.option("--prompt-tokens", default=128, show_default=True, type=types.POSITIVE, help="Text tokens in the prompt.")
-@click.option("--new-tokens", default=32, show_default=True, type=types.POSITIVE, help="Decode steps to time (median).")
-@click.option("--image", default=None, help="Add one image (its tiles and image tokens) to the prompt.")
+@click.option("--bundle", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A bundle folder: run it on its backend (the device profile's, else cpu / cuda).")
+@click.option("--model", default=None,
+              help="A checkpoint (folder or Hub id): timed per --dtypes, or with --bundle the full-precision "
+                   "reference and the GGUF source [default: the bundle's recorded source].")
+@click.option("--dtypes", default="bf16", show_default=True, type=types.CommaChoice(types.DTYPES),
+              help="--model alone: comma-separated, first = base.")
+@click.option("--vs", default=None, type=types.CommaChoice(("reference", "torch", "llamacpp")), help="Also run, back to back: reference (bf16 checkpoint), torch (the bundle on "
+              "PyTorch's cpu ops), llamacpp (GGUF Q4_0 / Q4_K_M of the same decoder). Comma-separated.")
+@click.option("--device", default=None, help="Device profile: fit check, tile cap, backend, bandwidth roofline.")
+@click.option("--backend", default=None, type=click.Choice(["cpu", "cuda", "reference", "bnb"]),
+              help="Decoder backend of the bundle [default: the profile's].")
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(1), help="Text tokens.")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(2), help="Decode steps timed.")
+@click.option("--image", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Add one image (its tiles and image tokens) to the prompt: times vision per tile too.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="torch, qkern and llama.cpp threads, the same for every configuration.")
 @click.option("--torch-device", default="cpu", show_default=True, type=types.TorchDevice(),
-              help="torch device of the decoder (cpu, cuda, cuda:N).")
+              help="torch device of --model (cpu, cuda, cuda:N).")
+@click.option("--gguf-dir", default=None, type=click.Path(file_okay=False),
+              help="--vs llamacpp: where the GGUFs are written once and reused [default: "
+                   "~/.cache/edge-vl2/gguf/<checkpoint folder>].")
 @one_line_errors
-def bench(model, dtypes, prompt_tokens, new_tokens, image, torch_device):
-    """Time loading, vision, prefill and decode per dtype in one run; one JSON record per line, ratios to the first."""
+def bench(bundle, model, dtypes, vs, device, backend, prompt_tokens, new_tokens, image, threads, torch_device,
+          gguf_dir):
+    """Load, vision per tile, prefill, decode (median, p90), bytes per token, GB/s against the roofline and peak
+    memory of a bundle or checkpoint, with its peers back to back; one JSON record per line, then the ratios."""
     import json
 
-    from ..model.checkpoint import resolve_model_dir
-    from ..tools.bench import run_all
+    from ..tools.bench import VS, run_bench
 
-    model_dir = resolve_model_dir(model)  # fail here, once, rather than in every child
-    for record in run_all(str(model_dir), list(dtypes), prompt_tokens, new_tokens, image, torch_device):
+    if not bundle and not model:
+        raise UserError("give --bundle B or --model M")
+    wanted = list(vs or ())
+    if wanted and not bundle and set(wanted) - {"llamacpp"}:
+        raise UserError(f"--vs {','.join(wanted)}: reference and torch need --bundle (choose from {', '.join(VS)})")
+    if device:
+        from ..devices.profiles import load_device
+
+        load_device(device)  # an unknown profile fails here, once
+    if model and not bundle:
+        from ..model.checkpoint import resolve_model_dir
+
+        model = str(resolve_model_dir(model))
+    for record in run_bench(bundle, model, list(dtypes), wanted, device, prompt_tokens,
+                            new_tokens, image, threads, torch_device, backend, gguf_dir,
+                            progress=lambda m: click.echo(m, err=True)):
         click.echo(json.dumps(record))
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import LayerCache
 from .config import LanguageConfig
-from .layers import Linear, RMSNorm, matmul, rope_angles, rope_interleaved, rope_rotate_half
+from .layers import (Linear, RMSNorm, matmul, project, rope_angles, rope_interleaved, rope_rotate_half,
+                     rope_rotate_half_with, rope_span_rotate_half)
 
 
 Start = int | torch.Tensor  # see the module docstring
@@ -32,6 +34,8 @@ def positions(start: Start, s: int, device) -> torch.Tensor:
 def causal_softmax(scores: torch.Tensor, start: Start) -> torch.Tensor:
     """scores [..., S, T] (query i sits at position start+i, keys at 0..T-1) -> fp32 probabilities."""
     s, t = scores.shape[-2:]
+    if isinstance(start, int) and s == 1 and t <= start + 1:  # a decode step: one query after every key, no mask
+        return scores.float().softmax(dim=-1)
     q_pos = positions(start, s, scores.device)[:, None]
     masked = torch.arange(t, device=scores.device)[None, :] > q_pos
     return scores.float().masked_fill(masked, float("-inf")).softmax(dim=-1)
@@ -69,18 +73,28 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, start: Start, cache: LayerCache | None = None) -> torch.Tensor:
         s = x.shape[0]
-        q = self.q_proj(x).view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
-        k = self.k_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(s, self.kv_heads, self.head_dim).transpose(0, 1)
-        cos, sin = rope_angles(self.head_dim, self.theta, positions(start, s, x.device))
-        q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(s, self.heads, self.head_dim).transpose(0, 1)  # [n, S, d]
+        k = k.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(s, self.kv_heads, self.head_dim).transpose(0, 1)
+        if isinstance(start, int):  # tables made once per span and shared by every layer
+            cos2, sin2 = rope_span_rotate_half(self.head_dim, self.theta, start, s, x.device, q.dtype)
+            q, k = rope_rotate_half_with(q, cos2, sin2), rope_rotate_half_with(k, cos2, sin2)
+        else:  # a device tensor (a captured decode step): angles on the device, nothing cached by value
+            cos, sin = rope_angles(self.head_dim, self.theta, positions(start, s, x.device))
+            q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
         if cache is not None:
             k, v = write_cache(cache, {"k": k, "v": v}, start, dim=1)  # [n_kv, T, d]
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=0)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=0)
-        scores = matmul(q, k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
-        out = matmul(causal_softmax(scores, start).to(v.dtype), v)  # [n, S, d]
+        if s == 1 and k.shape[1] == start + 1:
+            # a decode step sees every key: one fused kernel instead of ~10 small ops (6-9x faster on CPU at 20-700
+            # keys); it keeps scores and probabilities in fp32 where the official bf16 path rounds them to bf16
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # [n, 1, d]
+        else:
+            scores = matmul(q, k.transpose(1, 2)) / math.sqrt(self.head_dim)  # [n, S, T]
+            out = matmul(causal_softmax(scores, start).to(v.dtype), v)  # [n, S, d]
         return self.o_proj(out.transpose(0, 1).reshape(s, -1))
 
 
@@ -112,9 +126,9 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, start: Start, cache: LayerCache | None = None,
                 absorb: bool | None = None) -> torch.Tensor:
         s = x.shape[0]
-        q = self.q_proj(x).view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
+        q, kv = project(x, self.q_proj, self.kv_a_proj_with_mqa)  # kv [S, c + r]
+        q = q.view(s, self.heads, self.d_nope + self.d_rope).transpose(0, 1)  # [n, S, 192]
         q_nope, q_pe = q[..., :self.d_nope], q[..., self.d_nope:]
-        kv = self.kv_a_proj_with_mqa(x)  # [S, c + r]
         latent = self.kv_a_layernorm(kv[:, :self.rank])
         cos, sin = rope_angles(self.d_rope, self.theta, positions(start, s, x.device))
         q_pe, k_pe = rope_interleaved(q_pe, cos, sin), rope_interleaved(kv[:, self.rank:], cos, sin)

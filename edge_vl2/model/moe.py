@@ -29,7 +29,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> expert ids [T, k] and fp32 weights [T, k]."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = F.linear(x.float(), self._weight_fp32())  # [T, E]
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         if self.method == "greedy":
             weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
@@ -41,6 +41,17 @@ class Router(nn.Module):
         if self.top_k > 1 and self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, weights * self.scaling
+
+    def _weight_fp32(self) -> torch.Tensor:
+        """The weight in fp32, converted once (a bf16 router would otherwise convert [E, H] on every call)."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return w
+        cached = getattr(self, "_fp32", None)
+        if cached is None or cached[0] != (w.data_ptr(), w.device, w._version):
+            cached = ((w.data_ptr(), w.device, w._version), w.detach().float())
+            self._fp32 = cached
+        return cached[1]
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep only experts of the best `topk_group` groups (a no-op with one group, as in every VL2 config)."""
@@ -110,6 +121,11 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
+        step = getattr(self.experts, "moe_step", None)  # quantized experts on cpu: routed + shared in one call
+        if step is not None and x.shape[0] <= self.FEW_TOKENS_MAX:
+            y = step(x, ids, weights, self.shared_experts)
+            if y is not None:
+                return y.to(x.dtype)
         if x.shape[0] <= self.FEW_TOKENS_MAX:
             per_slot = self.experts.per_chosen_expert(x, ids)
         else:

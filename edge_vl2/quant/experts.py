@@ -16,7 +16,10 @@ expert's group. A layer in one format is one group and pays nothing for this; se
 index operations per call (and on CUDA a host sync, which keeps such a layer out of a captured graph).
 
 Within a group, gate and up are fused into one [n, 2I, H] weight when they share a format (one matmul per expert
-instead of two).
+instead of two), except on qkern, which reads them where they lie (a fused copy would double their memory).
+
+`moe_step(x, ids, weights, shared)` is the cpu backend's decode step: ONE qkern call for the k chosen experts' gate+up,
+SiLU * up, down and weighted sum, plus the shared experts (MoE.forward uses it when it returns a tensor).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import Int4Weight, Int8Weight, QuantizedWeight
-from .linear import make_op
-from .ops import BnbOp, FloatOp, WeightOp, format_name
+from .linear import make_op, uses_qkern
+from .ops import BnbOp, FloatOp, QkernOp, WeightOp, format_name
 
 ExpertWeight = QuantizedWeight | torch.Tensor  # a float tensor is a projection kept in high precision
 
@@ -80,6 +83,7 @@ class ExpertGroup(nn.Module):
                 return FloatOp(w) if isinstance(w, torch.Tensor) else make_op(w, backend, **options)
 
             quantized = not isinstance(gate_proj, torch.Tensor) and not isinstance(up_proj, torch.Tensor)
+            fuse_gate_up = fuse_gate_up and not (quantized and uses_qkern(gate_proj, backend, options.get("kernel")))
             if fuse_gate_up and quantized and weight_format(gate_proj) == weight_format(up_proj):
                 ops = (op(concat_out(gate_proj, up_proj)), None, op(down_proj))
             else:
@@ -154,6 +158,7 @@ class QuantExperts(nn.Module):
         group_of, local_of = zip(*self._where)
         self.register_buffer("group_of", torch.tensor(group_of), persistent=False)
         self.register_buffer("local_of", torch.tensor(local_of), persistent=False)
+        self._step = None  # the qkern MoE step's plan, made on first use
 
     @classmethod
     def stacked(cls, gate_proj: ExpertWeight, up_proj: ExpertWeight, down_proj: ExpertWeight, backend: str = "cpu",
@@ -233,3 +238,47 @@ class QuantExperts(nn.Module):
             out[order[begin:begin + n]] = self.groups[g].expert(rows[begin:begin + n], local).to(x.dtype)
             begin += n
         return out.view(t, k, -1)
+
+    def moe_step(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 shared: nn.Module | None = None) -> torch.Tensor | None:
+        """x [T, H], ids [T, k], fp32 weights [T, k] -> fp32 [T, H] = sum_j weights_j * expert_j(x) + shared(x), in
+        ONE qkern call when every routed projection (and the shared experts' gate/up/down, else they run as
+        modules) is a qkern op of one group; None when it cannot (the caller takes the per-expert path)."""
+        if self._step is None:
+            self._step = _QkernStep.plan(self, shared)
+        if not self._step:
+            return None
+        return self._step(x, ids, weights, shared)
+
+
+class _QkernStep:
+    """The ops one qkern MoE call reads: routed (gate, up or None, down), shared (gate, up, down) or None."""
+
+    def __init__(self, routed: tuple, shared: tuple | None):
+        self.routed, self.shared = routed, shared
+
+    @classmethod
+    def plan(cls, experts: QuantExperts, shared: nn.Module | None) -> "_QkernStep | bool":
+        if len(experts.groups) != 1:
+            return False
+        g = experts.groups[0]
+        routed = (g.gate_up, None, g.down) if g.fused else (g.gate, g.up, g.down)
+        if not all(isinstance(op, QkernOp) for op in routed if op is not None) or \
+                (not g.fused and g.gate.format != g.up.format):
+            return False
+        ops = tuple(getattr(getattr(shared, p, None), "op", None) for p in ("gate_proj", "up_proj", "down_proj"))
+        fused_shared = all(isinstance(op, QkernOp) for op in ops) and ops[0].format == ops[1].format
+        return cls(routed, ops if fused_shared else None)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __call__(self, x, ids, weights, shared):
+        from .kernels import qkern
+
+        mats = [None if op is None else op.mat() for op in self.routed]
+        both = None if self.shared is None else tuple(op.mat() for op in self.shared)
+        y = qkern.moe(*mats, x, ids, weights, both)
+        if self.shared is None and shared is not None:
+            y += shared(x).float()
+        return y

@@ -5,8 +5,10 @@ construction, into what the backend's kernel wants (edge_vl2.quant.ops, one file
 -> [..., out] in x's dtype. One backend per process, picked by the caller; `available_backends()` says what this
 machine can run and why not:
 - reference  fp32 dequantize + matmul: the correctness oracle, never a deployment format.
-- cpu        PyTorch's packed weight-only ops with bf16 activations for few rows; many rows (prefill) dequantize to
-             fp32 and run the fp32 GEMM, because CPUs without bf16 units run bf16 GEMMs slowly.
+- cpu        our qkern kernels (edge_vl2.quant.kernels.qkern: int8 activations, the canonical tensors read in place)
+             for few rows, or PyTorch's packed weight-only ops with bf16 activations where qkern cannot run (not
+             built, or EDGE_VL2_CPU_KERNEL=torch); many rows (prefill) dequantize to fp32 a block at a time and run
+             the fp32 GEMM, because CPUs without bf16 units run bf16 GEMMs slowly.
 - cuda       tinygemm INT4 (sm80+) or the Triton kernels reading the canonical layout directly.
 - bnb        bitsandbytes NF4 / LLM.int8, re-quantized from our weights: the baseline we compare against.
 Backends other than reference round activations, scales and outputs to bf16 (8 significant bits): tests bound their
@@ -16,15 +18,18 @@ difference from the reference (tests/test_qlinear.py says by how much and why). 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .formats import Int4Weight, Int8Weight, QuantizedWeight
-from .ops import BnbOp, CpuInt4Op, CpuInt8GroupOp, CpuInt8Op, CudaInt4Op, ReferenceOp, TritonOp, WeightOp
+from .ops import BnbOp, CpuInt4Op, CpuInt8GroupOp, CpuInt8Op, CudaInt4Op, QkernOp, ReferenceOp, TritonOp, WeightOp
 
 BACKENDS = ("reference", "cpu", "cuda", "bnb")
+CPU_KERNELS = ("auto", "qkern", "torch")  # auto: qkern where it loads and takes the weight, else torch
+CPU_KERNEL_ENV = "EDGE_VL2_CPU_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,7 @@ def available_backends() -> dict[str, BackendInfo]:
     from .kernels import triton_status
 
     out = {"reference": BackendInfo(True, "dequantize + fp32 matmul (correctness oracle)")}
-    cpu_ops = all(hasattr(torch, op) for op in ("_weight_int8pack_mm", "_convert_weight_to_int4pack_for_cpu",
-                                                 "_weight_int4pack_mm_for_cpu"))
-    out["cpu"] = BackendInfo(cpu_ops, "torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, bf16 activations"
-                             if cpu_ops else f"torch {torch.__version__} lacks the packed CPU ops")
+    out["cpu"] = _cpu_backend_info()
     triton_ok, triton_why = triton_status()
     if torch.cuda.is_available():
         tiny = torch.cuda.get_device_capability() >= (8, 0) and hasattr(torch, "_weight_int4pack_mm")
@@ -55,21 +57,74 @@ def available_backends() -> dict[str, BackendInfo]:
     return out
 
 
+def _cpu_backend_info() -> BackendInfo:
+    from .kernels import qkern
+
+    torch_ops = all(hasattr(torch, op) for op in ("_weight_int8pack_mm", "_convert_weight_to_int4pack_for_cpu",
+                                                   "_weight_int4pack_mm_for_cpu"))
+    packed = "torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, bf16 activations" if torch_ops else \
+        f"torch {torch.__version__} lacks the packed CPU ops"
+    ok, what = qkern.status()
+    if _cpu_kernel(None) == "torch" or not ok:
+        why = f"{CPU_KERNEL_ENV}=torch" if ok else f"qkern unavailable: {what}"
+        return BackendInfo(torch_ops, f"{packed} ({why})")
+    return BackendInfo(True, f"{what}; {packed} for shapes qkern does not take")
+
+
+def cpu_kernel_line() -> str:
+    """What the cpu backend multiplies with in this process, for the one-time load line."""
+    from .kernels import qkern
+
+    ok, what = qkern.status()
+    if ok and _cpu_kernel(None) != "torch":
+        return what
+    return "PyTorch packed ops (" + (f"{CPU_KERNEL_ENV}=torch" if ok else f"qkern unavailable: {what}") + ")"
+
+
+def _cpu_kernel(requested: str | None) -> str:
+    kernel = requested or os.environ.get(CPU_KERNEL_ENV, "auto")
+    if kernel not in CPU_KERNELS:
+        raise ValueError(f"cpu kernel ({CPU_KERNEL_ENV} or kernel=) must be one of {', '.join(CPU_KERNELS)}, got "
+                         f"{kernel!r}")
+    return kernel
+
+
+def uses_qkern(w: QuantizedWeight, backend: str, kernel: str | None = None) -> bool:
+    """Whether make_op gives this weight a qkern op (which reads the canonical tensors in place: fusing gate and up
+    into one tensor would only copy them). kernel "qkern" (or EDGE_VL2_CPU_KERNEL=qkern) makes it an error when
+    qkern cannot run the weight; "auto" falls back to PyTorch's ops."""
+    if backend != "cpu":
+        return False
+    kernel = _cpu_kernel(kernel)
+    if kernel == "torch":
+        return False
+    from .kernels import qkern
+
+    ok, why = qkern.status()
+    if kernel == "qkern" and not ok:
+        raise ValueError(f"cpu kernel qkern: {why}")
+    if kernel == "qkern" and not qkern.supported(w):
+        raise ValueError(f"cpu kernel qkern does not take {list(w.shape)} in {w.bits} bits, group {w.group_size} "
+                         "(needs in_features and groups multiples of 32)")
+    return ok and qkern.supported(w)
+
+
 def _check_weight(w) -> None:
     if not isinstance(w, (Int4Weight, Int8Weight)):
         raise TypeError(f"expected an Int4Weight or Int8Weight, got {type(w).__name__}")
 
 
 # the construction options each backend accepts (anything else is a TypeError naming it)
-BACKEND_OPTIONS = {"reference": {"cache"}, "cpu": {"prefill_dequant"}, "cuda": {"kernel"}, "bnb": set()}
+BACKEND_OPTIONS = {"reference": {"cache"}, "cpu": {"prefill_dequant", "kernel"}, "cuda": {"kernel"}, "bnb": set()}
 
 
 def make_op(w: QuantizedWeight, backend: str, **options) -> WeightOp:
     """The WeightOp for a backend and a weight's format (the one place the per-format kernel is chosen).
 
-    options: reference `cache` (bool), cpu `prefill_dequant` (bool), cuda `kernel` ("auto" | "triton" | "torch";
-    auto: tinygemm for INT4 weights on sm80+, Triton for everything else and for routed-expert stacks, whose decode
-    rows pick their expert inside one kernel instead of one tinygemm call per chosen expert from the host).
+    options: reference `cache` (bool), cpu `prefill_dequant` (bool) and `kernel` ("auto" | "qkern" | "torch"; default
+    EDGE_VL2_CPU_KERNEL, else auto), cuda `kernel` ("auto" | "triton" | "torch"; auto: tinygemm for INT4 weights on
+    sm80+, Triton for everything else and for routed-expert stacks, whose decode rows pick their expert inside one
+    kernel instead of one tinygemm call per chosen expert from the host).
     """
     _check_weight(w)
     if backend not in BACKEND_OPTIONS:
@@ -80,6 +135,9 @@ def make_op(w: QuantizedWeight, backend: str, **options) -> WeightOp:
     if backend == "reference":
         return ReferenceOp(w, **options)
     if backend == "cpu":
+        kernel = options.pop("kernel", None)
+        if uses_qkern(w, backend, kernel):
+            return QkernOp(w, **options)
         if w.bits == 4:
             return CpuInt4Op(w, **options)
         return CpuInt8Op(w, **options) if w.group_size is None else CpuInt8GroupOp(w, **options)
@@ -147,6 +205,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.op(x.reshape(-1, self.in_features))  # [M, out]
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward_many(self, x: torch.Tensor, others) -> tuple[torch.Tensor, ...] | None:
+        """This layer and `others` (QuantLinear layers of the same input x) in one kernel call, when the op can
+        (qkern, few rows: `edge_vl2.model.layers.project`); None when it cannot."""
+        many = getattr(self.op, "forward_many", None)
+        if many is None or not all(isinstance(o, QuantLinear) for o in others):
+            return None
+        ys = many(x.reshape(-1, self.in_features), [o.op for o in others])
+        if ys is None:
+            return None
+        return tuple(y.to(x.dtype).contiguous().reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
 
     def describe(self) -> str:
         return f"{self.backend}: {self.op.describe()}"

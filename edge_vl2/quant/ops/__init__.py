@@ -7,9 +7,11 @@ non-persistent buffers: the disk format is the canonical one (edge_vl2.quant.for
 
 from .base import FloatOp, WeightOp, format_name
 from .bnb import BnbOp
-from .cpu import PREFILL_DEQUANT_MIN_ROWS, CpuInt4Op, CpuInt8GroupOp, CpuInt8Op
+from .cpu import (PREFILL_DEQUANT_MIN_ROWS, QKERN_DEQUANT_MIN_ROWS, CpuInt4Op, CpuInt8GroupOp, CpuInt8Op,
+                  QkernOp)
 from .cuda import CudaInt4Op, TritonOp
 from .reference import ReferenceOp
 
-__all__ = ["WeightOp", "FloatOp", "ReferenceOp", "CpuInt4Op", "CpuInt8Op", "CpuInt8GroupOp", "CudaInt4Op", "TritonOp",
-           "BnbOp", "format_name", "PREFILL_DEQUANT_MIN_ROWS"]
+__all__ = ["WeightOp", "FloatOp", "ReferenceOp", "CpuInt4Op", "CpuInt8Op", "CpuInt8GroupOp", "QkernOp", "CudaInt4Op",
+           "TritonOp", "BnbOp", "format_name", "PREFILL_DEQUANT_MIN_ROWS",
+           "QKERN_DEQUANT_MIN_ROWS"]

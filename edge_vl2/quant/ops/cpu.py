@@ -1,4 +1,5 @@
-"""The cpu backend: PyTorch's packed weight-only ops for few rows, fp32 dequantize + GEMM for many."""
+"""The cpu backend: our qkern kernels (or, where they cannot run, PyTorch's packed weight-only ops) for few rows,
+fp32 dequantize + GEMM for many."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from .base import WeightOp, _flat_qweight, format_name
 # 20, bf16 GEMM 143). None disables it. The dequantized weight is made in blocks of DEQUANT_BLOCK_ELEMENTS.
 PREFILL_DEQUANT_MIN_ROWS: int | None = 192
 DEQUANT_BLOCK_ELEMENTS = 1 << 22
+# qkern: from this many rows, qkern's own fp32 dequantize (qk_dequant, ~0.8 ms for an expert's [1792, 1280] INT4
+# gate+up) + the fp32 GEMM beats its int8 dot products, whose cost grows with every row (same weight, 1 thread, best
+# of 15 on the loaded 2-core box, ms: 16 rows 0.87 / 1.35, 32 rows 1.81 / 1.95, 48 rows 2.72 / 2.25, 64 rows 3.6 /
+# 2.6; with torch's GEMM held to AVX2 32 rows 2.0 / 2.3, 48 rows 3.0 / 2.4). A prefill's experts get ~k/E of its
+# tokens each (~60 of a 630-token photo prompt) and its other layers all of them: both take the GEMM.
+QKERN_DEQUANT_MIN_ROWS = 40
 
 
 def _dequant_linear(x: torch.Tensor, n: int, k: int, rows) -> torch.Tensor:
@@ -172,3 +179,56 @@ def _pack_for_cpu(w: Int4Weight, stacked: bool) -> torch.Tensor:
         packed = one.new_empty((stack.shape[0], *one.shape)) if packed is None else packed  # filled in place
         packed[e] = one
     return packed if stacked else packed[0]
+
+
+class QkernOp(CpuOp):
+    """qkern (edge_vl2.quant.kernels.qkern) over the canonical tensors where they lie: no repacked copy, so the
+    memory-mapped bundle is the only copy of the weight. Few rows: int8-activation dot products on AVX2 (fp32 on the
+    scalar tier); from QKERN_DEQUANT_MIN_ROWS rows qkern dequantizes the same tensors to fp32 a block at a time for
+    the fp32 GEMM."""
+
+    def __init__(self, w: QuantizedWeight, prefill_dequant: bool = True):
+        from ..kernels import qkern
+
+        super().__init__(w, prefill_dequant)
+        self._qkern, self._cls, self._names = qkern, type(w), tuple(w.tensors())
+        for name, t in w.tensors().items():
+            self.register_buffer(name, t.contiguous(), persistent=False)
+        self._mat = None
+        self.kernel = f"qkern ({'INT4' if w.bits == 4 else 'INT8'} x int8 activations)"
+
+    def _use_dequant(self, x: torch.Tensor) -> bool:
+        return self.prefill_dequant and x.shape[0] >= QKERN_DEQUANT_MIN_ROWS
+
+    def describe(self) -> str:
+        extra = f"; >= {QKERN_DEQUANT_MIN_ROWS} rows: fp32 dequantize + GEMM" if self.prefill_dequant else ""
+        return f"{self.format} via {self.kernel}{extra}"
+
+    def weight(self, expert: int | None = None) -> QuantizedWeight:
+        w = self._cls(**{n: getattr(self, n) for n in self._names})
+        return w if expert is None else w.expert(expert)
+
+    def mat(self):
+        """The C descriptor: pointers into the buffers, made again if they moved (.to(), load_state_dict)."""
+        if self._mat is None or self._mat.qw != self.qweight.data_ptr():
+            self._mat = self._qkern.QMat.of(self.weight())
+        return self._mat
+
+    def forward_many(self, x: torch.Tensor, others: list) -> list[torch.Tensor] | None:
+        """x [M, K] through this weight and `others` (qkern ops of the same K and format) in one qkern call -> their
+        outputs, fp32; None when a weight differs or x has many rows (the dequantize path)."""
+        ops = [self, *others]
+        if self.n_experts is not None or not all(isinstance(o, QkernOp) and o.format == self.format and
+                                                 o.in_features == self.in_features and o.n_experts is None
+                                                 for o in others) or any(o._use_dequant(x) for o in ops):
+            return None
+        y = self._qkern.linear_many([o.mat() for o in ops], x)
+        return list(y.split([o.out_features for o in ops], dim=1))
+
+    def forward(self, x, expert=None):
+        self._check_expert(expert)
+        if self._use_dequant(x):
+            m = self.mat()
+            return _dequant_linear(x, self.out_features, self.in_features,
+                                   lambda a, b: self._qkern.dequant(m, expert, a, b))
+        return self._qkern.linear(self.mat(), x, expert)
