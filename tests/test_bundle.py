@@ -104,7 +104,14 @@ def test_small_int4_export_runs_on_the_default_backend(tmp_path_factory, capfd):
                                                                                           [image])):
         got, want = deployed.prompt_logits(inputs), oracle.prompt_logits(inputs)
         assert _rel(got, want) <= 0.06
-        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.95
+        # Argmax: short prompts run qkern's few-row path, which also rounds activations to int8 per 32 values; with
+        # bf16 that moves a logit by up to ~1.2 % of the position's logit range (measured), so a near-tie (the
+        # reference's lead under 2.5 % of the range) may flip without any fault. Every clear lead must hold.
+        top = want.topk(2, dim=-1).values
+        span = want.max(-1).values - want.min(-1).values
+        clear = (top[:, 0] - top[:, 1]) > 0.025 * span
+        assert float(clear.float().mean()) >= 0.75  # the check covers most positions, not a few
+        assert bool((got.argmax(-1) == want.argmax(-1))[clear].all())
     assert deployed.generate(deployed.prepare("hi"), SamplingParams(max_new_tokens=3)).token_ids
 
 

@@ -187,8 +187,8 @@ def images_and_prompts():
     ok("image-typed-tag", "images", cli=[*RUN, "--image", "{img}", "<image>\nDescribe."],
        same_as="images/image-auto-tag", note="a typed tag where the auto tag would go is the same prompt")
     err("more-tags-than-images", "prompts", cli=[*RUN, "--image", "{img}", "<image><image> two?"],
-        match=["2 <image> tag(s) but 1 image(s)"])
-    err("tags-without-images", "prompts", cli=[*RUN, "<image> what?"], match=["1 <image> tag(s) but 0"])
+        match=["2 <image> tag(s) or image part(s) but 1 image(s)"])
+    err("tags-without-images", "prompts", cli=[*RUN, "<image> what?"], match=["1 <image> tag(s) or image part(s) but 0"])
     err("prompt-over-context", "prompts", cli=[*RUN, "word " * 5000], match=["context"])
     err("prompt-undecodable-byte", "prompts", cli=[*RUN, "caf\udce9 menu"], match=["prompt", "UTF-8"])
     err("system-undecodable-byte", "prompts", cli=[*RUN, "--system", "\udcff", "hi"], match=["system", "UTF-8"])
