@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..calibration import EncodedSample, decoder_inputs
-from ..fidelity import RouterCapture, _n_experts, _overlap
+from ..fidelity import RouterCapture, _n_experts, _overlap, keep_logprobs
 from .domains import HeldOutItem
 
 ANSWER_TOKENS = 32
@@ -120,13 +120,7 @@ def suite_reference(model, sequences: list[Sequence], cache_dir: str | Path | No
         logits, ids = _run(model, seq)
         lp = torch.log_softmax(logits, dim=-1)
         top1.append(logits.argmax(-1))
-        if cache_dir is not None:
-            path = Path(cache_dir) / f"suite-logprobs-{i}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(lp, path)
-            logprobs.append(path)
-        else:
-            logprobs.append(lp)
+        logprobs.append(keep_logprobs(lp, cache_dir, f"suite-logprobs-{i}.pt"))
         routing.append(ids)
     return SuiteReference(sequences, logprobs, top1, routing, RouterCapture(model).top_k)
 
