@@ -189,3 +189,35 @@ def format_suite(report: dict, label: str = "") -> str:
         lines.append(f"{label:14s} {d:12s} {f['sequences']:4d} {f['positions']:5d} {f['kl_mean']:9.5f} "
                      f"{f['kl_p99']:8.4f} {100 * f['top1']:7.2f} {ro}")
     return "\n".join(lines)
+
+
+SUITE_FILE = "suite.pt"
+
+
+def save_suite(ref: SuiteReference, folder: str | Path) -> Path:
+    """Keep a reference for later scoring (`load_suite`): sequences, argmax and routing in `suite.pt`, the
+    log-probabilities as one file per sequence beside it (written there when they are not already)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(len(ref.sequences)):
+        item = ref.logprobs[i]
+        if isinstance(item, (str, Path)) and Path(item).parent.resolve() == folder.resolve():
+            names.append(Path(item).name)
+        else:
+            names.append(f"suite-logprobs-{i}.pt")
+            torch.save(ref.sequence_logprobs(i), folder / names[-1])
+    torch.save({"sequences": ref.sequences, "logprobs": names, "top1": ref.top1, "routing": ref.routing,
+                "top_k": ref.top_k}, folder / SUITE_FILE)
+    return folder / SUITE_FILE
+
+
+def load_suite(folder: str | Path) -> SuiteReference:
+    """A reference kept by `save_suite` (a file this project wrote: unpickled with weights_only=False)."""
+    from edge_vl2.errors import UserError
+
+    folder = Path(folder)
+    if not (folder / SUITE_FILE).is_file():
+        raise UserError(f"{folder}: no {SUITE_FILE} (write one with `edge-vl2 quantize --suite-dir {folder}`)")
+    d = torch.load(folder / SUITE_FILE, weights_only=False)
+    return SuiteReference(d["sequences"], [folder / n for n in d["logprobs"]], d["top1"], d["routing"], d["top_k"])
