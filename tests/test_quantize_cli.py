@@ -87,6 +87,14 @@ def test_held_out_suite_per_domain(tmp_path):
     assert report["calibration"]["tokens"] > 0
     assert "held-out suite" in result.stdout and "multi_image" in result.stdout
     assert len(load_suite(tmp_path / "suite").sequences) == 5
+    # `edge-vl2 peer` prints those rows side by side (llama.cpp rows: tests/test_side_by_side.py)
+    table = CliRunner().invoke(main, ["peer", "--suite", str(tmp_path / "suite"), "--report", str(tmp_path / "r.json"),
+                                      "--json", str(tmp_path / "t.json")], catch_exceptions=False)
+    assert table.exit_code == 0, table.stderr
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["rtn-int8-g32", "gptq-int4-plus"]
+    assert rows[0]["domains"]["prose"]["kl_mean"] == int8["suite"]["domains"]["prose"]["kl_mean"]
+    assert "rtn-int8-g32" in table.stdout and "multi_image" in table.stdout
 
 
 @pytest.mark.parametrize("args, needles", [

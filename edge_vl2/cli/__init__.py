@@ -15,5 +15,5 @@ def main():
 
 
 for command in (run.run, export.export, export.inspect, quantize.quantize, tools.synth, tools.bench,
-                tools.vision_bench, tools.qbench):
+                tools.vision_bench, tools.qbench, tools.peer):
     main.add_command(command)
