@@ -66,7 +66,8 @@ def quantize(model, recipe, method, hessians, compare_, calib_samples, calib_dir
                         "--max-tokens >= 16")
     opts = QuantizeOptions(model, configs, calib=calib_samples, calib_dir=calib_dir, eval=eval_, max_tokens=max_tokens,
                            dtype=dtype, mixed_budget=mixed_budget, suite=suite, photo_dir=photo_dir,
-                           answer_tokens=answer_tokens, calib_answers=calib_answers, suite_dir=suite_dir, report_path=report,
+                           answer_tokens=answer_tokens, calib_answers=calib_answers, suite_dir=suite_dir,
+                           report_path=report,
                            progress=lambda m: click.echo(m, err=True))
     result = run_quantize(opts)
     for run in result["runs"]:

@@ -1,4 +1,4 @@
-"""Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench` and `peer` (ours vs llama.cpp)."""
+"""Developer tools: `synth`, `bench`, `vision-bench`, `qbench` and `peer` (our recipes vs llama.cpp)."""
 
 from __future__ import annotations
 
