@@ -153,6 +153,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
                 fidelity = compare(reference, model, quant=result) if reference is not None else None
                 run["suite"] = suite_compare(suite_ref, model) if suite_ref is not None else None
             run["compare_seconds"] = round(time.perf_counter() - t1, 1)
+            run["expert_tokens"] = expert_token_summary(result.expert_tokens)
             run["bytes"] = decoder_bytes(model, result.weights)
             run["fidelity"] = fidelity
             report["runs"].append(run)
@@ -165,6 +166,17 @@ def run_quantize(opts: QuantizeOptions) -> dict:
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     report["peak_rss_gb"] = round(peak_rss_bytes() / GB, 2)
     return report
+
+
+def expert_token_summary(expert_tokens: dict[str, list[int]]) -> dict | None:
+    """Routed calibration tokens per expert over all MoE layers: min / p10 / median / max and how many experts saw
+    fewer than 32 (where the blended Hessian leans on the all-token statistics)."""
+    counts = sorted(c for layer in expert_tokens.values() for c in layer)
+    if not counts:
+        return None
+    at = lambda q: counts[min(len(counts) - 1, int(q * len(counts)))]  # noqa: E731
+    return {"experts": len(counts), "min": counts[0], "p10": at(0.1), "median": at(0.5), "max": counts[-1],
+            "under_32": sum(c < 32 for c in counts)}
 
 
 def _calibration(model, processor, samples, max_tokens: int, answer_tokens: int = 0) -> CalibrationSet:

@@ -80,6 +80,8 @@ def test_held_out_suite_per_domain(tmp_path):
         assert set(run["suite"]["domains"]) == {"prose", "chat", "photo", "document", "multi_image"}
         assert all(0 <= f["kl_mean"] <= f["kl_max"] for f in run["suite"]["domains"].values())
     int8, int4 = report["runs"]
+    tokens = int4["expert_tokens"]  # GPTQ: routed calibration tokens per expert (RTN routes nothing)
+    assert tokens["experts"] == 2 * 8 and tokens["min"] <= tokens["median"] <= tokens["max"]
     # INT8 g32 vs INT4: the suite must rank them on every domain
     assert all(int8["suite"]["domains"][d]["kl_mean"] < int4["suite"]["domains"][d]["kl_mean"]
                for d in int8["suite"]["domains"])
