@@ -9,8 +9,9 @@
   sequences in that run) and from bundles (`export --fidelity-samples`: the manifest's `fidelity_domains`);
 - llama.cpp's rows: each GGUF of `peer_dir/peer.json` (the source GGUF and llama.cpp's quantizations of it,
   `edge_vl2.tools.peer`) evaluated by llama.cpp on the suite's token ids, logits at the scored positions scored by
-  `score_external`. Text domains only: llama.cpp has no vision tower for this model. The source GGUF's row is the
-  check that the GGUF is our decoder (KL ~ 0 against our reference).
+  `score_external`. llama.cpp has no vision tower for this model: on image domains it is fed the reference's own
+  image vectors at the `<image>` positions (`logits_with_embeddings`), the same inputs our rows get, so its row
+  measures its decoder's quantization only. The source GGUF's row checks that the GGUF is our decoder (KL ~ 0).
 
 Bytes: the decoder as stored (our quantize reports: quantized tensors + bf16 rest; bundles: the decoder files;
 llama.cpp: the GGUF file, embeddings included in the file's own format).
@@ -67,8 +68,9 @@ def bundle_row(path: str | Path) -> Row:
 
 
 def llama_rows(suite, peer_dir: str | Path, types: tuple[str, ...] | None = None, threads: int = 2,
-               include_source: bool = True, progress=lambda _m: None) -> list[Row]:
-    """llama.cpp's logits on the suite's text sequences for the GGUFs of `peer_dir/peer.json`."""
+               include_source: bool = True, images: bool = True, progress=lambda _m: None) -> list[Row]:
+    """llama.cpp's logits on the suite's sequences for the GGUFs of `peer_dir/peer.json` (image sequences with the
+    reference's image vectors, unless `images` is False)."""
     from edge_vl2.quantize.heldout.suite import score_external
 
     from .peer.llama_runner import LlamaCppModel
@@ -83,18 +85,27 @@ def llama_rows(suite, peer_dir: str | Path, types: tuple[str, ...] | None = None
         raise UserError(f"{peer_dir}: peer.json has no {', '.join(sorted(missing))}")
     if include_source:
         files = {f"source {record['source']['storage']}": record["source"]["path"], **files}
-    text = [s for s in suite.sequences if not s.has_images]
-    n_ctx = max(len(s.ids) for s in text) + 8
+    domains = tuple(dict.fromkeys(s.domain for s in suite.sequences if not s.has_images or
+                                  (images and s.image_embeds is not None)))
+    n_ctx = max(len(s.ids) for s in suite.sequences if s.domain in domains) + 8
     rows = []
     for label, path in files.items():
         llm = LlamaCppModel(path, n_ctx=n_ctx, threads=threads, logits_all=True)
         try:
-            figures = score_external(suite, lambda s: torch.from_numpy(llm.logits(s.ids.tolist()))[s.scored])
+            figures = score_external(suite, lambda s: torch.from_numpy(_llama_logits(llm, s))[s.scored],
+                                     domains=domains)
         finally:
             llm.close()
         rows.append(Row(f"llama.cpp {label}", "llama.cpp", Path(path).stat().st_size, figures["domains"]))
         progress(f"{label}: " + ", ".join(f"{d} KL {f['kl_mean']:.4f}" for d, f in figures["domains"].items()))
     return rows
+
+
+def _llama_logits(llm, seq):
+    if not seq.has_images:
+        return llm.logits(seq.ids.tolist())
+    mask = seq.encoded.inputs.images_seq_mask
+    return llm.logits_with_embeddings(seq.ids.tolist(), mask.numpy(), seq.image_embeds.numpy())
 
 
 def side_by_side(suite, reports: list[str] = (), bundles: list[str] = (), peer_dir: str | None = None,

@@ -37,6 +37,7 @@ class Sequence:
     encoded: EncodedSample  # input_ids / images_seq_mask cover prompt + answer
     scored: torch.Tensor  # [n] long: positions whose next-token distribution is compared
     prompt_len: int
+    image_embeds: torch.Tensor | None = None  # fp32 [image positions, H]: the decoder inputs there (for llama.cpp)
 
     @property
     def ids(self) -> torch.Tensor:
@@ -78,12 +79,16 @@ def build_sequences(model, processor, items: list[HeldOutItem], answer_tokens: i
             tiles = model.encode_tiles(inputs.pixel_values.to(model.language.lm_head.weight.device)) \
                 if inputs.pixel_values.shape[0] else None
             enc = EncodedSample(inputs, tiles)
-        answer = _greedy(model, decoder_inputs(model, enc), answer_tokens) if answer_tokens else []
+        embeds = decoder_inputs(model, enc)
+        answer = _greedy(model, embeds, answer_tokens) if answer_tokens else []
         x = enc.inputs
+        image_embeds = embeds[x.images_seq_mask.to(embeds.device)].float().cpu() if enc.tile_embeds is not None \
+            else None
         ids = torch.cat([x.input_ids, torch.tensor(answer, dtype=torch.long)])
         mask = torch.cat([x.images_seq_mask, torch.zeros(len(answer), dtype=torch.bool)])
         full = EncodedSample(replace(x, input_ids=ids, images_seq_mask=mask), enc.tile_embeds)
-        out.append(Sequence(item.domain, full, torch.nonzero(~mask).flatten(), int(x.input_ids.shape[0])))
+        out.append(Sequence(item.domain, full, torch.nonzero(~mask).flatten(), int(x.input_ids.shape[0]),
+                            image_embeds))
         progress(f"held-out {item.domain}: {len(ids)} tokens, {len(out[-1].scored)} scored")
     return out
 
