@@ -182,13 +182,13 @@ def expert_token_summary(expert_tokens: dict[str, list[int]]) -> dict | None:
 def _calibration(model, processor, samples, max_tokens: int, answer_tokens: int = 0) -> CalibrationSet:
     """Decoder inputs of the calibration samples (vision once per image), each followed by the embeddings of the
     model's own greedy answer (`answer_tokens`, teacher-forced) so decode-time activations reach the Hessians."""
-    from .heldout.suite import _greedy
+    from .heldout.suite import greedy_answer
 
     embeds = []
     for enc in encode_samples(model, processor, samples):
         x = decoder_inputs(model, enc, max_tokens)
         if answer_tokens:
-            answer = torch.tensor(_greedy(model, x, answer_tokens), device=x.device)
+            answer = torch.tensor(greedy_answer(model, x, answer_tokens), device=x.device)
             x = torch.cat([x, model.language.model.embed_tokens(answer).to(x.dtype)])
         embeds.append(x.float().clone())
     return CalibrationSet(embeds, sum(len(s.images) for s in samples))

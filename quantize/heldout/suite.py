@@ -58,7 +58,7 @@ def _raw_text(processor, text: str):
 
 
 @torch.inference_mode()
-def _greedy(model, embeds: torch.Tensor, n: int) -> list[int]:
+def greedy_answer(model, embeds: torch.Tensor, n: int) -> list[int]:
     """The model's `n` greedy tokens after `embeds` (eos is taken like any token: the answer always has n)."""
     from edge_vl2.generate import SamplingParams, generate_tokens
 
@@ -80,7 +80,7 @@ def build_sequences(model, processor, items: list[HeldOutItem], answer_tokens: i
                 if inputs.pixel_values.shape[0] else None
             enc = EncodedSample(inputs, tiles)
         embeds = decoder_inputs(model, enc)
-        answer = _greedy(model, embeds, answer_tokens) if answer_tokens else []
+        answer = greedy_answer(model, embeds, answer_tokens) if answer_tokens else []
         x = enc.inputs
         image_embeds = embeds[x.images_seq_mask.to(embeds.device)].float().cpu() if enc.tile_embeds is not None \
             else None
