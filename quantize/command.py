@@ -83,6 +83,7 @@ class QuantizeOptions:
     calib_answers: int = 0  # the reference's greedy answer appended to each calibration sequence (decode-time
     #                         activations in the Hessians)
     suite_dir: str | None = None  # keep the suite's sequences and reference here (for `edge-vl2 peer`)
+    percdamp: float = 0.01  # GPTQ damping (fraction of the Hessian's mean diagonal); pick it on the held-out suite
     report_path: str | None = None  # the report so far is written here after each configuration
     progress: Callable[[str], None] = field(default=lambda _m: None)
 
@@ -115,6 +116,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
     model, _ = load_model(model_dir, dtype=TORCH_DTYPES[opts.dtype], vision_dtype=torch.float32)
     processor = Processor.from_pretrained(model_dir)
     report: dict = {"model": str(model_dir), "variant": model.cfg.variant, "dtype": opts.dtype,
+                    "percdamp": opts.percdamp,
                     "load_seconds": round(time.perf_counter() - t0, 1)}
     say(f"loaded {model_dir} ({model.cfg.variant}, decoder {opts.dtype}) in {report['load_seconds']} s")
 
@@ -144,7 +146,8 @@ def run_quantize(opts: QuantizeOptions) -> dict:
         for cfg in opts.configs:
             t0 = time.perf_counter()
             recipe, allocation = _recipe(cfg, model, calib, opts, sensitivity_cache)
-            result = quantize_decoder(model, recipe, calib, cfg.method, cfg.mode, progress=say)
+            result = quantize_decoder(model, recipe, calib, cfg.method, cfg.mode, percdamp=opts.percdamp,
+                                      progress=say)
             run = {"config": cfg.label, "method": cfg.method, "hessians": cfg.mode if cfg.method == "gptq" else None,
                    "recipe": recipe.to_dict(), "allocation": allocation,
                    "quantize_seconds": round(time.perf_counter() - t0, 1)}
