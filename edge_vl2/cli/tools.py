@@ -115,9 +115,11 @@ def qbench(variant, configs, prefill_tokens, rounds, decode_steps, interleave, t
               help="llama.cpp GGUFs of the same decoder (peer.json, from edge_vl2.tools.peer.suite build).")
 @click.option("--types", default="Q4_0,Q4_K_M,Q5_K_M,Q8_0", show_default=True, help="llama.cpp types to score.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="llama.cpp threads.")
+@click.option("--source/--no-source", default=True, show_default=True,
+              help="Also score the unquantized GGUF (the check that llama.cpp runs our decoder; slow on a CPU).")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @one_line_errors
-def peer(suite_dir, reports, bundles, peer_dir, types, threads, json_out):
+def peer(suite_dir, reports, bundles, peer_dir, types, threads, source, json_out):
     """Our recipes and llama.cpp's Q4_0 / Q4_K_M / Q5_K_M / Q8_0 side by side: bytes, KL and top-1 per held-out
     domain on the same token sequences (llama.cpp: text domains only, it has no vision tower for this model)."""
     import json
@@ -129,7 +131,7 @@ def peer(suite_dir, reports, bundles, peer_dir, types, threads, json_out):
     if not (reports or bundles or peer_dir):
         raise UserError("nothing to compare: give --report, --bundle and/or --peer-dir")
     result = side_by_side(load_suite(suite_dir), list(reports), list(bundles), peer_dir,
-                          tuple(t.strip() for t in types.split(",") if t.strip()), threads,
+                          tuple(t.strip() for t in types.split(",") if t.strip()), threads, source,
                           progress=lambda m: click.echo(m, err=True))
     click.echo(format_table(result))
     if json_out:

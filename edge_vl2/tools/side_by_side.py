@@ -109,14 +109,15 @@ def _llama_logits(llm, seq):
 
 
 def side_by_side(suite, reports: list[str] = (), bundles: list[str] = (), peer_dir: str | None = None,
-                 types: tuple[str, ...] | None = None, threads: int = 2, progress=lambda _m: None) -> dict:
+                 types: tuple[str, ...] | None = None, threads: int = 2, source: bool = True,
+                 progress=lambda _m: None) -> dict:
     """Every row (ours, then llama.cpp's) with its bytes and per-domain figures, and the domains in suite order."""
     rows: list[Row] = []
     for r in reports:
         rows += report_rows(r)
     rows += [bundle_row(b) for b in bundles]
     if peer_dir is not None:
-        rows += llama_rows(suite, peer_dir, types, threads, progress=progress)
+        rows += llama_rows(suite, peer_dir, types, threads, include_source=source, progress=progress)
     domains = list(dict.fromkeys(s.domain for s in suite.sequences))
     return {"domains": domains, "sequences": {d: sum(s.domain == d for s in suite.sequences) for d in domains},
             "rows": [r.__dict__ for r in rows]}
