@@ -333,7 +333,8 @@ def _write(opts: ExportOptions, plan: ExportPlan, stage: Path, log: Callable[[st
                                   for p in plans for prefix, s, shape in p.weights()},
                     "high_precision": [p.name for p in plans if not p.quantized],
                     "bytes": sum(files[f]["bytes"] for f in writer.files)},
-        "vision": {"graphs": graphs}, "fidelity": fidelity, "files": files,
+        "vision": {"graphs": graphs}, "fidelity": {k: v for k, v in fidelity.items() if k != "domains"},
+        "fidelity_domains": fidelity.get("domains"), "files": files,
     }, "the manifest being written")
 
 
@@ -377,6 +378,8 @@ def _fidelity(opts: ExportOptions, plan: ExportPlan, model, plans, writer, stage
     log(f"fidelity on {fidelity['samples']} held-out samples: KL mean {fidelity['kl_mean']:.5f} "
         f"p99 {fidelity['kl_p99']:.5f}, top-1 agreement {100 * fidelity['top1_agreement']:.2f} %, routing "
         f"overlap {fidelity['routing_overlap_mean'] or float('nan'):.4f}, {time.perf_counter() - t0:.0f} s")
+    for d, f in fidelity["domains"].items():
+        log(f"  held-out {d}: KL mean {f['kl_mean']:.5f} p99 {f['kl_p99']:.5f}, top-1 {100 * f['top1']:.2f} %")
     return _finite(fidelity)
 
 

@@ -99,9 +99,14 @@ def fidelity(model, processor, files: list[Path], plans: list[TensorPlan], n_sam
     from edge_vl2.quantize.calibration_data import evaluation_samples
     from edge_vl2.quantize.fake_quant import parameter_name
     from edge_vl2.quantize.fidelity import compare, reference_run
+    from edge_vl2.quantize.heldout.domains import heldout_items
+    from edge_vl2.quantize.heldout.suite import build_sequences, suite_compare, suite_reference
 
     samples = list(evaluation_samples(n_samples, max_tiles=max_tiles))
     reference = reference_run(model, processor, samples, max_tokens=max_tokens, cache_dir=work)
+    # the held-out suite: n_samples items per domain (prose, chat, photos, documents, multi-image)
+    suite = suite_reference(model, build_sequences(model, processor, heldout_items(n_samples, max_tiles=max_tiles)),
+                            cache_dir=work)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(mmap_tensors(f))
@@ -117,6 +122,7 @@ def fidelity(model, processor, files: list[Path], plans: list[TensorPlan], n_sam
                 target.data[expert] = value
     report = compare(reference, model)
     out = {k: report.get(k) for k in FIDELITY_FIELDS}
+    out["domains"] = suite_compare(suite, model)["domains"]
     out.update(max_tokens=max_tokens, reference="the checkpoint in bf16 (vision fp32) on held-out samples",
                measured="the bundle's decoder tensors dequantized into that model (the runtime's reference math)",
                routing_overlap={k: round(v, 6) for k, v in (report.get("routing_overlap") or {}).items()})

@@ -108,15 +108,19 @@ def reference_from_encoded(fp_model, encoded: list[EncodedSample], *, max_tokens
         lp = torch.log_softmax(logits, dim=-1)
         top1.append(logits.argmax(-1))
         del logits
-        if cache_dir is not None:
-            path = Path(cache_dir) / f"logprobs-{i}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(lp, path)
-            logprobs.append(path)
-        else:
-            logprobs.append(lp)
+        logprobs.append(keep_logprobs(lp, cache_dir, f"logprobs-{i}.pt"))
         routing.append(ids)
     return Reference(encoded, max_tokens, logprobs, top1, routing, RouterCapture(fp_model).top_k)
+
+
+def keep_logprobs(lp: torch.Tensor, cache_dir: str | Path | None, name: str):
+    """`lp` itself, or the path it was saved to under `cache_dir` (memory-mapped back when read)."""
+    if cache_dir is None:
+        return lp
+    path = Path(cache_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(lp, path)
+    return path
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -167,6 +167,7 @@ def test_inspect(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for needle in ("model: tiny", "recipe: int4 by rtn", "size: ", "vision: fp32", "fidelity (1 held-out", "fits: ",
+                   "held-out prose", "held-out multi_image",
                    "cpu-kiosk", "CPUExecutionProvider", "hashes: not checked"):
         assert needle in out, (needle, out)
 

@@ -66,6 +66,9 @@ def test_manifest_holds_schema_v1(tmp_path_factory):
     f = m["fidelity"]
     assert f["samples"] == 1 and f["positions"] > 0
     assert all(math.isfinite(f[k]) for k in ("kl_mean", "kl_p99", "top1_agreement", "routing_overlap_mean"))
+    domains = m["fidelity_domains"]  # the held-out suite, one item per domain here
+    assert set(domains) == {"prose", "chat", "photo", "document", "multi_image"}
+    assert all(d["sequences"] == 1 and d["positions"] > 0 and math.isfinite(d["kl_mean"]) for d in domains.values())
     # the estimate printed before the work is the plan's exact byte count of every tensor, plus the vision graph
     # from its parameter count: within 2 % of what was written
     total = sum(e["bytes"] for e in m["files"].values())

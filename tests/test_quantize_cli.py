@@ -15,7 +15,7 @@ from edge_vl2.quantize.command import parse_configs
 
 from _toolchain import checkpoint
 
-FAST = ["--calib-samples", "3", "--eval", "2", "--max-tokens", "256", "--threads", "1"]
+FAST = ["--calib-samples", "3", "--eval", "2", "--max-tokens", "256", "--threads", "1", "--suite", "0"]
 
 
 def invoke(*args):
@@ -64,6 +64,39 @@ def test_single_configuration_with_user_images(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["config"] for r in report["runs"]] == ["rtn-int4-blend"]
     assert report["calibration"]["source"] == str(tmp_path) and report["calibration"]["images"] >= 1
+
+
+def test_held_out_suite_per_domain(tmp_path):
+    from edge_vl2.quantize.heldout.suite import load_suite
+
+    result = invoke("--model", checkpoint("tiny"), "--compare", "rtn-int8-g32,gptq-int4-plus", "--eval", "0",
+                    "--calib-samples", "2", "--calib-answers", "4", "--suite", "1", "--answer-tokens", "4",
+                    "--max-tokens", "256", "--threads", "1", "--suite-dir", tmp_path / "suite",
+                    "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["suite"]["sequences"] == 5
+    for run in report["runs"]:
+        assert set(run["suite"]["domains"]) == {"prose", "chat", "photo", "document", "multi_image"}
+        assert all(0 <= f["kl_mean"] <= f["kl_max"] for f in run["suite"]["domains"].values())
+    int8, int4 = report["runs"]
+    tokens = int4["expert_tokens"]  # GPTQ: routed calibration tokens per expert (RTN routes nothing)
+    assert tokens["experts"] == 2 * 8 and tokens["min"] <= tokens["median"] <= tokens["max"]
+    # INT8 g32 vs INT4: the suite must rank them on every domain
+    assert all(int8["suite"]["domains"][d]["kl_mean"] < int4["suite"]["domains"][d]["kl_mean"]
+               for d in int8["suite"]["domains"])
+    # the calibration sequences carry the 4 answer tokens
+    assert report["calibration"]["tokens"] > 0
+    assert "held-out suite" in result.stdout and "multi_image" in result.stdout
+    assert len(load_suite(tmp_path / "suite").sequences) == 5
+    # `edge-vl2 peer` prints those rows side by side (llama.cpp rows: tests/test_side_by_side.py)
+    table = CliRunner().invoke(main, ["peer", "--suite", str(tmp_path / "suite"), "--report", str(tmp_path / "r.json"),
+                                      "--json", str(tmp_path / "t.json")], catch_exceptions=False)
+    assert table.exit_code == 0, table.stderr
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["rtn-int8-g32", "gptq-int4-plus"]
+    assert rows[0]["domains"]["prose"]["kl_mean"] == int8["suite"]["domains"]["prose"]["kl_mean"]
+    assert "rtn-int8-g32" in table.stdout and "multi_image" in table.stdout
 
 
 @pytest.mark.parametrize("args, needles", [

@@ -136,3 +136,20 @@ def _bad(mutate) -> dict:
 def test_malformed_recipes_are_rejected(mutate, message):
     with pytest.raises(ValueError, match=message):
         Recipe.from_dict(_bad(mutate))
+
+
+def test_new_presets_at_their_bytes():
+    """int8-g32 stores Q8_0's 8.5 bits per quantized weight; int4-plus fits full-size Tiny's decoder in Q4_K_M's
+    1.95 GB (the bf16 embeddings, 0.33 GB, included: llama.cpp quantizes its embedding table, we do not)."""
+    from edge_vl2.export.plan import plan_decoder
+
+    tiny = VL2Config.from_dict(synthetic_config("tiny", "full"))
+    plans = plan_decoder(tiny, preset("int8-g32"))
+    quantized = [p for p in plans if p.quantized]
+    n = sum(torch.Size(p.shape).numel() for p in quantized)
+    assert sum(p.nbytes for p in quantized) * 8 / n == 8.5
+    int4_plus = sum(p.nbytes for p in plan_decoder(tiny, preset("int4-plus")))
+    assert 1.94e9 < int4_plus <= 1.95e9
+    assert preset("int4-plus").attention == QuantSpec(8, 32) and preset("int4-plus").routed_experts == QuantSpec(4, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        preset("int8-g7")

@@ -26,6 +26,9 @@ def inspect_lines(bundle: Bundle) -> list[str]:
                      f"max |ORT - torch| {v.get('max_abs', float('nan')):.3g}, worst tile cosine "
                      f"{v.get('cosine_min', float('nan')):.6f} on {v.get('tiles', 0)} tiles")
     lines += fidelity_lines(m.fidelity)
+    for d, f in (m.fidelity_domains or {}).items():
+        lines.append(f"  held-out {d:12s} KL mean {f.kl_mean:.5f}, p99 {f.kl_p99:.5f}, top-1 {100 * f.top1:.2f} % "
+                     f"({f.sequences} sequences, {f.positions} text positions)")
     e = m.export or {}
     if e:
         lines.append(f"export: {e.get('seconds', 0):.0f} s, peak RSS {e.get('peak_rss_bytes', 0) / GB:.2f} GB "

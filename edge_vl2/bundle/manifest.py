@@ -104,6 +104,20 @@ class Source:
 
 
 @dataclass(frozen=True)
+class DomainFidelity:
+    """Held-out fidelity of the written decoder on one domain of the suite (`edge_vl2.quantize.heldout`), at the
+    positions that produce text (prompt text + the reference's teacher-forced answer)."""
+
+    sequences: int
+    positions: int
+    kl_mean: float  # KL(reference || bundle), nats
+    kl_p99: float
+    kl_max: float
+    top1: float  # fraction of positions where both argmaxes agree
+    routing_overlap: float | None  # mean |top-k(ref) & top-k(bundle)| / k
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema: str
     schema_version: int
@@ -119,6 +133,7 @@ class Manifest:
     fidelity: dict
     files: dict[str, FileEntry]
     export: dict | None = None
+    fidelity_domains: dict[str, DomainFidelity] | None = None  # absent when fidelity was skipped
     digest: str = ""
 
     # -- (de)serialisation ----------------------------------------------------------------------------------------

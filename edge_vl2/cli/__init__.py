@@ -17,5 +17,5 @@ def main():
 
 for command in (run.run, serve.serve, chat.chat, batch.batch, draw.draw, export.export, export.inspect,
                 quantize.quantize, tools.synth, tools.bench, tools.vision_bench, tools.qbench, tools.constrain_bench,
-                tools.fuzz, tools.soak, tools.serve_bench):
+                tools.fuzz, tools.soak, tools.serve_bench, tools.peer):
     main.add_command(command)

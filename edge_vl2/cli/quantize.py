@@ -29,12 +29,23 @@ from .common import one_line_errors
               help="Decoder dtype of the full-precision reference.")
 @click.option("--mixed-budget", default="int4-g32", show_default=True,
               help="mixed: routed-expert bytes of this uniform recipe, or a number of GB.")
+@click.option("--suite", default=2, show_default=True, type=types.COUNT,
+              help="Held-out suite items per domain (prose, chat, photo, document, multi_image); 0 skips it.")
+@click.option("--photo-dir", default=None, help="The suite's photos [default: the repo's tests/fixtures/images].")
+@click.option("--answer-tokens", default=32, show_default=True, type=types.COUNT,
+              help="Reference greedy answer per suite item, teacher-forced and scored.")
+@click.option("--calib-answers", default=0, show_default=True, type=types.COUNT,
+              help="Append the reference's greedy answer (this many tokens) to each calibration sequence.")
+@click.option("--suite-dir", default=None, type=click.Path(file_okay=False),
+              help="Keep the suite's sequences and reference log-probabilities here (for `edge-vl2 peer`).")
+@click.option("--percdamp", default=0.01, show_default=True, type=types.POSITIVE_FLOAT,
+              help="GPTQ damping, a fraction of the Hessian's mean diagonal; choose it by held-out suite error.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="torch threads [default: torch's choice]; 1 is faster on a CPU other jobs share.")
 @one_line_errors
 def quantize(model, recipe, method, hessians, compare_, calib_samples, calib_dir, eval_, max_tokens, dtype, mixed_budget,
-             report, threads):
+             suite, photo_dir, answer_tokens, calib_answers, suite_dir, percdamp, report, threads):
     """Quantize the decoder and print its fidelity against full precision on held-out samples, with wall time and
     bytes; --compare measures several configurations against one full-precision reference."""
     import torch
@@ -55,7 +66,10 @@ def quantize(model, recipe, method, hessians, compare_, calib_samples, calib_dir
 
     configs = parse_configs(compare_ or f"{method}-{recipe}-{hessians}", method, hessians)
     opts = QuantizeOptions(model, configs, calib=calib_samples, calib_dir=calib_dir, eval=eval_, max_tokens=max_tokens,
-                           dtype=dtype, mixed_budget=mixed_budget, progress=lambda m: click.echo(m, err=True))
+                           dtype=dtype, mixed_budget=mixed_budget, suite=suite, photo_dir=photo_dir,
+                           answer_tokens=answer_tokens, calib_answers=calib_answers, suite_dir=suite_dir,
+                           percdamp=percdamp, report_path=report,
+                           progress=lambda m: click.echo(m, err=True))
     result = run_quantize(opts)
     for run in result["runs"]:
         if run["fidelity"]:

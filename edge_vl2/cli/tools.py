@@ -1,5 +1,5 @@
 """Developer tools: `synth` (synthetic checkpoints), `bench`, `vision-bench`, `qbench`, `fuzz`, `constrain-bench`,
-and for the server `soak` and `serve-bench`."""
+`peer` (our recipes vs llama.cpp), and for the server `soak` and `serve-bench`."""
 
 from __future__ import annotations
 
@@ -243,3 +243,38 @@ def serve_bench(model, bundle, dtype, device_profile, backend, skip_verify, torc
 
     vl2 = load_pipeline(model, bundle, dtype, device_profile, backend, skip_verify, torch_device)
     main(vl2, image, repeats, max_tokens, out)
+
+
+@click.command()
+@click.option("--suite", "suite_dir", required=True, type=click.Path(file_okay=False),
+              help="Held-out suite and reference kept by `edge-vl2 quantize --suite-dir`.")
+@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False),
+              help="`edge-vl2 quantize --report` file(s) measured with that suite (our recipes).")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(file_okay=False),
+              help="Bundle(s) exported with --fidelity-samples (their per-domain figures).")
+@click.option("--peer-dir", default=None, type=click.Path(file_okay=False),
+              help="llama.cpp GGUFs of the same decoder (peer.json, from edge_vl2.tools.peer.suite build).")
+@click.option("--types", default="Q4_0,Q4_K_M,Q5_K_M,Q8_0", show_default=True, help="llama.cpp types to score.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="llama.cpp threads.")
+@click.option("--source/--no-source", default=True, show_default=True,
+              help="Also score the unquantized GGUF (the check that llama.cpp runs our decoder; slow on a CPU).")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+@one_line_errors
+def peer(suite_dir, reports, bundles, peer_dir, types, threads, source, json_out):
+    """Our recipes and llama.cpp's Q4_0 / Q4_K_M / Q5_K_M / Q8_0 side by side: bytes, KL and top-1 per held-out
+    domain on the same token sequences (llama.cpp: text domains only, it has no vision tower for this model)."""
+    import json
+
+    from edge_vl2.quantize.heldout.suite import load_suite
+
+    from ..tools.side_by_side import format_table, side_by_side
+
+    if not (reports or bundles or peer_dir):
+        raise UserError("nothing to compare: give --report, --bundle and/or --peer-dir")
+    result = side_by_side(load_suite(suite_dir), list(reports), list(bundles), peer_dir,
+                          tuple(t.strip() for t in types.split(",") if t.strip()), threads, source,
+                          progress=lambda m: click.echo(m, err=True))
+    click.echo(format_table(result))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
