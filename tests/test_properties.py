@@ -108,7 +108,7 @@ def test_processor_tags_must_match_images(n_images, n_tags, prompt):
     try:
         out = PROC.process_prompt(text, ims)
     except UserError as e:
-        assert n_tags != n_images and one_line(e) and f"{n_tags} <image> tag(s) but {n_images} image(s)" in str(e)
+        assert n_tags != n_images and one_line(e) and f"{n_tags} <image> tag(s) or image part(s) but {n_images} image(s)" in str(e)
         return
     assert n_tags == n_images and len(out.num_image_tokens) == n_images
 
