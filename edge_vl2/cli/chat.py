@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
+from . import types
 from .common import load_pipeline, model_options, one_line_errors, sampling_options, sampling_params, stats_line
 
 HELP = """commands:
@@ -19,7 +20,7 @@ HELP = """commands:
 @model_options
 @click.option("--system", default=None, help="System text placed before the first turn.")
 @sampling_options
-@click.option("--vision-cache-mb", default=256.0, show_default=True, type=float,
+@click.option("--vision-cache-mb", default=256.0, show_default=True, type=types.FiniteFloat(min=0),
               help="Encoded images kept between turns (0 = off).")
 @click.option("--stats/--no-stats", default=False, help="Print token counts and timings after each answer.")
 @one_line_errors

@@ -6,6 +6,7 @@ import click
 
 from ..errors import UserError
 from ..inputs.template import SPECIAL_TOKEN_POLICIES
+from . import types
 from .common import check_model_choice, load_pipeline, model_options, one_line_errors
 
 
@@ -21,22 +22,22 @@ from .common import check_model_choice, load_pipeline, model_options, one_line_e
               help="The model name clients send and /v1/models lists [default: the bundle or checkpoint folder].")
 @click.option("--allowed-local-media", type=click.Path(file_okay=False), default=None,
               help="A folder whose images requests may name by path or file:// URL (else data: URLs only).")
-@click.option("--max-queue", default=16, show_default=True, type=int,
+@click.option("--max-queue", default=16, show_default=True, type=types.POSITIVE,
               help="Requests that may wait for the model; one more gets 503 with Retry-After.")
-@click.option("--max-body-mb", default=32.0, show_default=True, type=float, help="Largest request body (413).")
-@click.option("--max-images", default=4, show_default=True, type=int, help="Images per request.")
-@click.option("--max-image-mp", default=24.0, show_default=True, type=float,
+@click.option("--max-body-mb", default=32.0, show_default=True, type=types.POSITIVE_FLOAT, help="Largest request body (413).")
+@click.option("--max-images", default=4, show_default=True, type=types.POSITIVE, help="Images per request.")
+@click.option("--max-image-mp", default=24.0, show_default=True, type=types.POSITIVE_FLOAT,
               help="Megapixels per image, read from its header before decoding.")
-@click.option("--request-timeout", default=600.0, show_default=True, type=float,
+@click.option("--request-timeout", default=600.0, show_default=True, type=types.POSITIVE_FLOAT,
               help="Seconds from arrival (queue included) to the last token; then 504.")
-@click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, type=int,
+@click.option("--max-tokens", "default_max_tokens", default=512, show_default=True, type=types.POSITIVE,
               help="New tokens for requests that name no max_tokens.")
 @click.option("--special-tokens", type=click.Choice(SPECIAL_TOKEN_POLICIES), default="grounding", show_default=True,
               help="Special-token strings in message text: grounding = only <|ref|>/<|det|>/<|grounding|> are "
                    "tokens, escape = none are, parse = all are (the official processor; lets clients forge roles).")
-@click.option("--vision-cache-mb", default=256.0, show_default=True, type=float,
+@click.option("--vision-cache-mb", default=256.0, show_default=True, type=types.FiniteFloat(min=0),
               help="Encoded images kept between requests (0 = off).")
-@click.option("--grace", default=30.0, show_default=True, type=float,
+@click.option("--grace", default=30.0, show_default=True, type=types.POSITIVE_FLOAT,
               help="On SIGTERM / Ctrl-C, seconds in-flight requests may take to finish.")
 @one_line_errors
 def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_device, host, port, api_key, model_name,
@@ -48,7 +49,6 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
     "loading", then "ready". Stops cleanly (exit 0) on SIGTERM or Ctrl-C.
     """
     import logging
-    import math
     import os
     import sys
     from pathlib import Path
@@ -61,9 +61,6 @@ def serve(model, bundle, dtype, device_profile, backend, skip_verify, torch_devi
         raise UserError(f"the server needs the serve extra ({e.name} is missing): pip install 'edge-vl2[serve]'") \
             from None
     check_model_choice(model, bundle, dtype, backend, skip_verify)
-    for flag, value in (("--max-body-mb", max_body_mb), ("--max-image-mp", max_image_mp)):
-        if not 0 < value < math.inf:  # NaN too: every comparison with it is False
-            raise UserError(f"{flag} must be a positive number, got {value}")
     config = ServeConfig(model_id=model_name or Path(bundle or model).name, api_key=api_key,
                          allowed_local_media=Path(allowed_local_media) if allowed_local_media else None,
                          max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20), max_images=max_images,
