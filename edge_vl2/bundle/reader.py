@@ -31,11 +31,6 @@ from .manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, Manifest, VisionGraph, c
 
 
 MAX_MANIFEST_BYTES = 64 << 20  # a full-size mixed Small manifest is ~2 MB
-# safetensors packs tensors without padding, so a quantized code tensor can start at any byte of its file; the packed
-# kernels use it in place and torch 2.13's _weight_int8pack_mm segfaults on an INT8 weight that is not 16-byte aligned
-# (measured: offsets 1, 2, 4, 8 crash, 16, 32, 48 run; the Small test INT4 bundle's lm_head starts at 8 mod 16).
-# Integer tensors off a 64-byte boundary are copied (they are the quantized codes, read once by the repack anyway).
-INT_ALIGN = 64
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -202,7 +197,9 @@ def mmap_tensors(file: Path) -> dict[str, torch.Tensor]:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         t = torch.frombuffer(mm, dtype=dtype, count=(end - start) // itemsize, offset=base + start).view(shape)
-        align = INT_ALIGN if not dtype.is_floating_point else itemsize
-        t = t if (base + start) % align == 0 else t.clone()  # misaligned: copy rather than risk kernels
+        # tensors stay in the memory-mapped file (the cpu kernels read the codes in place: one copy of the weights);
+        # only a start that is not a multiple of the element size is copied. Kernels that need more alignment ask
+        # for it themselves (quant/ops/cpu.py).
+        t = t if (base + start) % itemsize == 0 else t.clone()
         out[name] = check_finite(t, f"{file}: tensor {name!r}")
     return out

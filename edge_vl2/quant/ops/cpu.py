@@ -64,7 +64,13 @@ class CpuInt8Op(CpuOp):
         self.packable = self.in_features % 8 == 0
         if not self.packable:
             self.kernel = "fp32 dequantize + matmul per call (in_features not a multiple of 8)"
-        self.register_buffer("qweight", w.qweight.contiguous(), persistent=False)  # [*E, N, K]
+        q = w.qweight.contiguous()  # [*E, N, K]
+        # torch 2.13's _weight_int8pack_mm segfaults on a weight that is not 16-byte aligned (measured: offsets 1, 2,
+        # 4, 8 crash, 16, 32, 48 run), and safetensors packs tensors without padding: copy such a weight here, for
+        # this op only (qkern reads the bundle's codes in place at any offset).
+        if self.packable and q.data_ptr() % 16:
+            q = q.clone()
+        self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("scales", w.scales.to(torch.bfloat16).contiguous(), persistent=False)  # [*E, N]
         self.register_buffer("scales32", w.scales.float().contiguous(), persistent=False)  # exact, for fp32 path
 
