@@ -61,6 +61,14 @@ def plan_cache(lm: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
     return min(prompt_len + max_new_tokens, context)
 
 
+def finish_reason(n_tokens: int, prompt_len: int, max_new: int, context: int) -> str:
+    """Why `generate_tokens` stopped after yielding n_tokens (no grammar): "length" when it ran out of room, "stop"
+    when the model ended (eos). It ends at max_new_tokens, or once the cache (prompt + new, capped at the context)
+    is full, which is after capacity - prompt_len + 1 tokens (the last one is never fed back)."""
+    capacity = min(prompt_len + max_new, context)
+    return "length" if n_tokens >= min(max_new, capacity - prompt_len + 1) else "stop"
+
+
 PREFILL_CHUNK = 512  # tokens per prefill pass when no memory budget is given
 PREFILL_CHUNK_RANGE = (64, 4096)
 

@@ -23,7 +23,7 @@ from .cuda_memory import cap_cuda_memory
 from .devices.profiles import DeviceProfile, as_profile, check_fit, prefill_budget
 from .dtypes import resolve_dtypes
 from .errors import UserError
-from .generate import SamplingParams, generate_tokens
+from .generate import SamplingParams, finish_reason, generate_tokens
 from .inputs.grounding import Grounding, find_grounding
 from .inputs.processor import Processor, ProcessorOutput
 from .model.vl2 import DeepseekVL2, load_model
@@ -233,7 +233,7 @@ def _finish_reason(n_tokens: int, prompt_len: int, sampling: SamplingParams, con
     not complete), else "stop" (eos, or the grammar finished)."""
     if constraint is not None:
         return "stop" if constraint.complete else "length"
-    return "length" if n_tokens >= sampling.max_new_tokens or prompt_len + n_tokens >= context else "stop"
+    return finish_reason(n_tokens, prompt_len, sampling.max_new_tokens, context)
 
 
 def _check_reference_fit(model: str | Path, profile: DeviceProfile, decoder_dtype: torch.dtype,

@@ -7,11 +7,11 @@ import base64
 import pytest
 import torch
 
-from edge_vl2.generate import SamplingParams, generate_tokens
+from edge_vl2.generate import SamplingParams, finish_reason, generate_tokens
 from edge_vl2.inputs.template import IMAGE_PART
 from edge_vl2.pipeline import VL2Pipeline
 from edge_vl2.serve.config import ServeConfig
-from edge_vl2.serve.engine import StopMatcher, finish_reason
+from edge_vl2.serve.engine import StopMatcher
 from edge_vl2.serve.errors import ApiError
 from edge_vl2.serve.media import load_image_url
 from edge_vl2.serve.schema import parse_chat_request

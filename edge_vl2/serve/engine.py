@@ -64,14 +64,6 @@ class StopMatcher:
         return out
 
 
-def finish_reason(n_tokens: int, prompt_len: int, max_new: int, context: int) -> str:
-    """Without a stop string: "length" when generation ran out of room, "stop" when the model ended (eos).
-    `generate_tokens` ends at max_new_tokens, or once the cache (prompt + new, capped at the context) is full,
-    which is after capacity - prompt_len + 1 tokens (the last one is never fed back)."""
-    capacity = min(prompt_len + max_new, context)
-    return "length" if n_tokens >= min(max_new, capacity - prompt_len + 1) else "stop"
-
-
 def run_job(vl2, job) -> None:
     """Generate the job's answer on the worker thread, emitting text pieces and then the outcome."""
     req, inputs = job.request, job.inputs
@@ -111,10 +103,8 @@ def run_job(vl2, job) -> None:
             sent.append(tail)
             job.emit("text", tail)
     text = "".join(sent)
-    context = vl2.model.cfg.language.max_position_embeddings
     timings["total_s"] = time.monotonic() - job.arrived
     job.emit("done", Outcome(
-        text=text, finish_reason=finish or timings.get("finish_reason")  # the pipeline's, which knows a grammar
-        or finish_reason(n, inputs.seq_len, req.sampling.max_new_tokens, context),
+        text=text, finish_reason=finish or timings["finish_reason"],  # a stop string, else the pipeline's
         prompt_tokens=inputs.seq_len, completion_tokens=n, boxes=[b.to_dict() for b in vl2.boxes(text, inputs)],
         timings={k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}))
