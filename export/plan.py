@@ -159,9 +159,6 @@ def plan_decoder(cfg: VL2Config, recipe: Recipe) -> list[TensorPlan]:
         shape = tuple(p.shape)
         prefix = name.removesuffix(".weight")
         kind = module_kind(prefix) if prefix.startswith("language.") else None
-        if kind == "embeddings" and recipe.spec_for(prefix) is not None:
-            raise UserError(f"recipe {recipe.name}: quantized embeddings are not supported by the runtime (an "
-                            "embedding row is read once per token); set embeddings to null")
         if kind == "routed_experts":
             proj = prefix.rsplit(".", 1)[1]
             specs = tuple(fit_spec(s, shape[-1]) for s in recipe.expert_specs(_layer_of(prefix), proj, shape[0]))

@@ -4,12 +4,19 @@ MatMulNBits layout, INT8 with fp16 scales, expert stacks) are the runtime's: edg
 The grid (shared by RTN and GPTQ, so both produce the same kind of codes):
 - INT4 symmetric: scale = max|w| / 7, codes = clamp(round(w / scale), -8, 7) + 8. RTN never produces code 0 (-8);
   GPTQ's error feedback may push a weight past max|w| and use it.
-- INT4 asymmetric: range [lo, hi] = [min(w, 0), max(w, 0)], scale = (hi - lo) / 15, zero = round(-lo / scale),
-  codes = clamp(round(w / scale) + zero, 0, 15).
+- INT4 asymmetric: per group, the range [a * lo, b * hi] with [lo, hi] = [min(w, 0), max(w, 0)] and a, b in
+  `ASYM_SHRINKS` that gives the smallest squared error (the unclipped range a = b = 1 is a candidate and wins ties,
+  so a group is never worse than min-max), scale = (b * hi - a * lo) / 15, zero = round(-a * lo / scale),
+  codes = clamp(round(w / scale) + zero, 0, 15). Clipping a heavy tail buys a finer step for the other weights:
+  on full-size synthetic Tiny's expert weights (kurtosis ~10) it cuts the relative squared error of g32 by 6 %
+  (0.0093 -> 0.0087; llama.cpp's Q4_K, 6-bit scales and float minimums per 32, gets 0.0075 there), and asymmetric
+  g32 is 1.85x better than symmetric g32 (0.0171) on them, because one outlier fixes a symmetric group's step for
+  both signs.
 - INT8: scale = max|w| / 127, codes = clamp(round(w / scale), -128, 127).
 - Scales are stored in fp16, rounded UP to the next fp16 value, and the codes are computed with the stored scale, so
-  the RTN error bound |w - dequant(w)| <= scale / 2 holds element-wise with the stored scale. An all-zero group gets
-  scale 1.0 (any positive value decodes it exactly to 0). A scale that overflows fp16 is an error.
+  the RTN error bound |w - dequant(w)| <= scale / 2 holds element-wise with the stored scale for symmetric INT4 and
+  INT8 (asymmetric INT4 may clip a tail: its bound is the min-max grid's squared error, per group). An all-zero
+  group gets scale 1.0 (any positive value decodes it exactly to 0). A scale that overflows fp16 is an error.
 - Group sizes: powers of two >= 16 (MatMulNBits' rule); the recipes use 32, 64 or 128.
 """
 
@@ -71,6 +78,11 @@ def _stored_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s16.float() < scale, up, s16)
 
 
+# Range shrinks searched per asymmetric INT4 group, for the low and the high end (9 candidates): 0.9 and 0.8 gave
+# the whole gain of a 7 x 7 grid down to 0.7 on full-size synthetic Tiny's expert weights (0.00871 vs 0.00870).
+ASYM_SHRINKS = (1.0, 0.9, 0.8)
+
+
 def int4_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [..., g] (one group on the last axis) -> fp16 scale [...] and uint8 zero point [...]."""
     w = w.float()
@@ -78,9 +90,21 @@ def int4_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.T
         scale = _stored_scale(w.abs().amax(dim=-1) / 7)
         return scale, torch.full(scale.shape, INT4_SYMMETRIC_ZERO, dtype=torch.uint8, device=w.device)
     lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-    scale = _stored_scale((hi - lo) / 15)
-    zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.uint8)
-    return scale, zero
+    best_err = best_scale = best_zero = None
+    for a in ASYM_SHRINKS:
+        for b in ASYM_SHRINKS:
+            scale = _stored_scale((b * hi - a * lo) / 15)
+            zero = torch.round(-a * lo / scale.float()).clamp(0, 15)
+            err = ((to_codes(w, scale[..., None], zero[..., None], 4) - zero[..., None]) * scale.float()[..., None]
+                   - w).square().sum(-1)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+                continue
+            better = err < best_err  # strict: ties keep the earlier, wider range
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero.to(torch.uint8)
 
 
 def int8_params(w: torch.Tensor) -> torch.Tensor:

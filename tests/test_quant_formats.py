@@ -81,10 +81,24 @@ def test_int4_rtn_within_half_step(group_size, symmetric):
         assert q.zeros.shape == (48, (n_groups + 1) // 2)
     assert (q.bits, q.group_size, q.symmetric, q.shape) == (4, group_size, symmetric, (48, 256))
     err = (w - q.dequantize()).abs()
-    assert (err <= expanded_scales(q) * (0.5 + 1e-5)).all()  # rounding to the nearest step, no clipping
-    if symmetric:  # value = (code - 8) * scale with scale = max|w| / 7: codes 1..15
+    if symmetric:  # value = (code - 8) * scale with scale = max|w| / 7: codes 1..15, nothing clipped
+        assert (err <= expanded_scales(q) * (0.5 + 1e-5)).all()  # rounding to the nearest step
         assert int(unpack_int4(q.qweight).min()) >= 1
         assert torch.allclose(q.scales.float(), w.view(48, n_groups, -1).abs().amax(-1) / 7, rtol=1e-3)
+    else:  # the searched range never loses to min-max (its first candidate), group by group, and wins on average
+        groups = w.double().view(48, n_groups, group_size)
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+        step = ((hi - lo) / 15).float()  # min-max with the format's fp16 scale (rounded up), the rest in float64
+        s16 = step.half()
+        step = torch.where(s16.float() < step, torch.nextafter(s16, torch.full_like(s16, 1e4)), s16).double()
+        zero = torch.round(-lo / step)
+        minmax = ((torch.round(groups / step[..., None]) + zero[..., None]).clamp(0, 15) - zero[..., None]) \
+            * step[..., None]
+        minmax_sse = (minmax - groups).square().sum(-1)
+        searched_sse = (q.dequantize().double().view(48, n_groups, group_size) - groups).square().sum(-1)
+        # 1e-6 relative: float32 (library) vs float64 (here) sums of the same squared errors
+        assert (searched_sse <= minmax_sse * (1 + 1e-6)).all()
+        assert float(searched_sse.sum()) < 0.97 * float(minmax_sse.sum())  # heavy tails: clipping pays (measured 0.8x)
 
 
 def test_int4_zero_points_odd_group_count_and_padding():
@@ -152,7 +166,8 @@ def test_stacked_experts_match_per_expert(spec):
         single = quantize_rtn(w[e], spec)
         assert all(torch.equal(a, b) for a, b in zip(q.expert(e).tensors().values(), single.tensors().values()))
         assert torch.equal(deq[e], single.dequantize())
-    assert ((w - deq).abs() <= expanded_scales(q) * (0.5 + 1e-5)).all()
+    if spec.bits == 8 or spec.symmetric:  # asymmetric INT4 may clip a tail (test_int4_rtn_within_half_step)
+        assert ((w - deq).abs() <= expanded_scales(q) * (0.5 + 1e-5)).all()
     # a stacked tensor quantized in one call (all leading axes at once) is the same bytes
     direct = quantize_rtn_int4(w, spec.group_size, spec.symmetric) if spec.bits == 4 \
         else quantize_rtn_int8(w, spec.group_size)

@@ -52,7 +52,9 @@ class Bundle:
     def config(self) -> VL2Config:
         cfg = VL2Config.from_dict(self.manifest.config)
         if cfg.language.vocab_from_checkpoint:  # small's config.json omits vocab_size: the embedding is the truth
-            vocab = self.manifest.decoder.tensors["language.model.embed_tokens.weight"].shape[0]
+            embed = "language.model.embed_tokens"
+            quantized = self.manifest.decoder.quantized.get(embed)
+            vocab = (quantized or self.manifest.decoder.tensors[f"{embed}.weight"]).shape[0]
             cfg = replace(cfg, language=cfg.language.with_vocab(vocab))
         return cfg
 

@@ -5,8 +5,10 @@ Names are module paths in `DeepseekVL2`, as the toolchain writes them:
     language.lm_head, ...mlp.down_proj, ...mlp.shared_experts.up_proj          -> QuantLinear
     language.model.layers.1.mlp.experts.gate_proj   routed experts           -> part of a QuantExperts
     language.model.layers.1.mlp.experts.5.gate_proj (stacked or per expert: edge_vl2.quant.naming)
-The router (`mlp.gate`), norms, embeddings, MLA's w_uk / w_uv, the vision tower and the projector always stay in high
-precision: a name outside the decoder's linear layers and expert stacks is an error, not a silent skip.
+    language.model.embed_tokens                     the token embedding table      -> QuantEmbedding
+The router (`mlp.gate`), norms, MLA's w_uk / w_uv, the vision tower and the projector always stay in high
+precision: a name outside the decoder's linear layers, expert stacks and embedding table is an error, not a silent
+skip.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model.moe import StackedExperts
+from .embedding import QuantEmbedding
 from .experts import ExpertWeight, QuantExperts
 from .formats import Int4Weight, Int8Weight, QuantizedWeight
 from .linear import QuantLinear
@@ -67,7 +70,13 @@ def swap_in_quantized_(model: "DeepseekVL2", quantized: dict[str, QuantizedWeigh
     # stack name -> proj -> the whole stack's weight, or {expert index: weight}
     tables: dict[str, dict[str, QuantizedWeight | dict[int, QuantizedWeight]]] = {}
     unknown, errors = [], []
+    embeddings = {n: m for n, m in model.named_modules()
+                  if n.startswith(DECODER_PREFIX) and isinstance(m, nn.Embedding)}
     for name, w in quantized.items():
+        if name in embeddings:
+            if tuple(w.shape) != tuple(embeddings[name].weight.shape):
+                errors.append(f"{name}: quantized table {list(w.shape)} != {list(embeddings[name].weight.shape)}")
+            continue
         if name in linears:
             old = linears[name]
             if old.bias is not None:
@@ -91,13 +100,16 @@ def swap_in_quantized_(model: "DeepseekVL2", quantized: dict[str, QuantizedWeigh
         else:
             tables[stack].setdefault(proj, {})[e] = w
     if unknown:
-        raise ValueError(f"not a quantizable decoder layer (routers, norms, embeddings, w_uk/w_uv, vision and "
-                         f"projector stay in high precision): {', '.join(sorted(unknown))}")
+        raise ValueError(f"not a quantizable decoder layer (routers, norms, w_uk/w_uv, vision and projector stay in "
+                         f"high precision): {', '.join(sorted(unknown))}")
     if errors:
         raise ValueError("; ".join(errors))
 
     for name, w in quantized.items():
-        if name in linears:
+        if name in embeddings:
+            old = embeddings[name].weight
+            _set_module(model, name, QuantEmbedding(_to(w, old.device), old.dtype))
+        elif name in linears:
             old = linears[name]
             _set_module(model, name, QuantLinear(_to(w, old.weight.device), backend, old.weight.dtype, **linear_opts))
     for stack, table in tables.items():
@@ -126,7 +138,7 @@ def describe_quantized(model: nn.Module) -> dict[str, int]:
     """How many layers run each `describe()` line (for the one-time backend report the caller prints)."""
     counts: dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, (QuantLinear, QuantExperts)):
+        if isinstance(module, (QuantLinear, QuantExperts, QuantEmbedding)):
             line = module.describe()
             counts[line] = counts.get(line, 0) + 1
     return counts

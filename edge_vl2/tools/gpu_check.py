@@ -43,7 +43,7 @@ def decode_bytes_per_token(model) -> int:
             total += module.decode_nbytes
         elif isinstance(module, QuantExperts):
             total += module.decode_nbytes * k // n_experts
-    embed = lm.model.embed_tokens.weight
+    embed = getattr(lm.model.embed_tokens, "weight", None)  # a QuantEmbedding keeps buffers, not parameters
     total += sum(p.numel() * p.element_size() for p in lm.parameters() if p is not embed and p.numel() > 1)
     return total
 
