@@ -41,7 +41,7 @@ from edge_vl2.model.cache import cache_bytes
 from edge_vl2.model.checkpoint import open_checkpoint
 from edge_vl2.model.vl2 import load_model
 from edge_vl2.procinfo import available_memory, peak_rss_bytes
-from edge_vl2.quantize.recipe import INT8, PRESETS, Recipe, preset
+from edge_vl2.quantize.recipe import INT8, Recipe, preset
 
 from .decoder_export import ShardWriter, stream_rtn, write_quantized
 from .plan import GB, SourceReader, plan_decoder, plan_memory, vision_bytes
@@ -78,11 +78,12 @@ class ExportOptions:
 def resolve_recipe(name: str) -> Recipe:
     """A preset (`mixed` is its INT4 base here; the per-expert INT8 choice is made from calibration data) or a
     recipe JSON file."""
-    if name in PRESETS:
+    try:
         return preset(name)
-    path = Path(name)
+    except ValueError as e:
+        path, not_preset = Path(name), str(e)
     if not path.exists():
-        raise UserError(f"--recipe {name}: not one of {', '.join(PRESETS)} and not a recipe JSON file")
+        raise UserError(f"--recipe {name}: {not_preset}, nor a recipe JSON file")
     try:
         return Recipe.from_dict(checks.read_json(path, "recipe file", 1 << 24))
     except ValueError as e:

@@ -74,7 +74,7 @@ class QuantizeOptions:
     max_tokens: int = 768  # per sequence; 617 image tokens for a 3-tile image, then the prompt text
     max_tiles: int = 3
     dtype: str = "bf16"  # decoder dtype (the reference); vision always fp32
-    mixed_candidates: tuple[str, ...] = ("int4-g128", "int4-g32", "int8")
+    mixed_candidates: tuple[str, ...] = ("int4-g128", "int4-g32", "int8-channel")
     mixed_budget: str = "int4-g32"  # bytes of this uniform routed-expert spec, or a number of GB of routed experts
     sensitivity: str = "gptq"
     suite: int = 2  # held-out suite items per domain (prose, chat, photo, document, multi_image); 0: none

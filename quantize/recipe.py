@@ -9,8 +9,8 @@ A recipe gives one `QuantSpec` (or None = keep bf16) per module kind:
     routed_experts  mlp.experts.{gate,up,down}_proj (stacked [E, out, in]), plus per-expert overrides keyed by the
                     checkpoint's per-expert name `language.model.layers.{i}.mlp.experts.{e}.{proj}`
     lm_head         language.lm_head
-    embeddings      language.model.embed_tokens (default None: an embedding row is read once per token, it costs no
-                    bandwidth worth saving and its rounding error enters every layer)
+    embeddings      language.model.embed_tokens (read one row per token: its bytes are size, not bandwidth; its
+                    rounding error enters every position, so the presets give it INT8 g32 or keep it bf16)
 
 The router (`mlp.gate`), norms and the vision tower are never quantized: the router is tiny and its top-k choice is
 what routing fidelity measures: a small error in its logits swaps experts, an error no later layer can undo.
@@ -31,7 +31,7 @@ from edge_vl2.quant import naming
 from .formats import QuantSpec
 
 KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "lm_head", "embeddings")
-PRESETS = ("bf16", "int8", "int4", "mixed", "int8-g32", "int4-plus")
+PRESETS = ("int4", "int8", "bf16", "mixed", "int8-channel", "int4-g128")
 RECIPE_FORMAT = "edge-vl2-recipe"
 RECIPE_VERSION = 1
 
@@ -202,44 +202,50 @@ class Recipe:
 
 
 INT8 = QuantSpec(8, None)  # per output channel
+INT8_G32 = QuantSpec(8, 32)  # llama.cpp Q8_0's grid: 8.5 bits per weight
 INT4_G128 = QuantSpec(4, 128)
 INT4_G64 = QuantSpec(4, 64)
+INT4_G32_ASYM = QuantSpec(4, 32, symmetric=False)  # 4.625 bits per weight; each group's range searched (formats.py)
 
 
 def preset(name: str) -> Recipe:
     """The named recipes.
 
-    int8      every decoder linear INT8 per channel.
-    int4      routed experts INT4 g128; attention, dense MLP and shared experts INT4 g64 (they see every token,
-              each is read for every token, so its error reaches every position); lm_head INT8 (its error lands on the logits directly).
-    int4-gN   int4 with the routed experts at group N (16, 32, 64, 128...): the uniform baselines of `mixed`.
-    mixed     int4 as the base; `allocate.allocate` picks each routed expert's format (INT4 group sizes, INT8) under a
-              byte budget and `allocate.mixed_recipe` writes the choice as per-expert overrides.
-    int8-gN   every decoder linear INT8 with one fp16 scale per N weights; int8-g32 is llama.cpp Q8_0's 8.5 bits per
-              weight, and holds the heavy-tailed rows that one scale per row cannot (issue 9: per-channel RTN KL 0.216
-              vs Q8_0's 0.057 on prose).
-    int4-plus attention and dense MLP INT8 g32, shared experts INT4 g32, routed experts INT4 g64, lm_head INT8 g32:
-              1.9495 GB on full-size Tiny (Q4_K_M: 1.95 GB), the bytes spent where every token reads them.
+    int4      the default: routed experts INT4 g32 asymmetric; attention, dense MLP and shared experts INT8 g32 (every
+              token reads them: INT8 there costs little size and cuts their error ~150x); lm_head and the embedding
+              table INT8 g32. 1.946 GB on full-size Tiny, under llama.cpp Q4_K_M's 1.949 GB, and below its KL on every
+              held-out domain (README "Held-out domains"). The embedding table is the most sensitive tensor we
+              measured: the same recipe with it at INT4 g32 had 5x the KL on prose.
+    int8      every decoder tensor, embeddings included, INT8 g32: 3.119 GB on full-size Tiny, under Q8_0's 3.124 GB;
+              the per-32 scale holds the heavy-tailed rows that one scale per row cannot (issue 9: per-channel RTN
+              KL 0.216 vs Q8_0's 0.057 on prose).
+    int8-channel  every decoder linear INT8 per channel, embeddings bf16 (the earlier int8).
+    int8-gN   int8 with one fp16 scale per N weights.
+    int4-gN   the earlier, leaner int4 (1.84 GB, fastest decode: 386 MB read per token on full-size Tiny):
+              routed experts INT4 g<N> symmetric, attention / dense MLP / shared experts INT4 g64, lm_head INT8 per
+              channel, embeddings bf16; int4-g128 is that recipe, the other N its uniform baselines for `mixed`.
+    mixed     int4-g128 as the base; `allocate.allocate` picks each routed expert's format (INT4 group sizes, INT8)
+              under a byte budget and `allocate.mixed_recipe` writes the choice as per-expert overrides.
     bf16      nothing quantized (the reference).
     """
     if name == "bf16":
         return Recipe("bf16")
-    if name == "int8":
-        return Recipe("int8", attention=INT8, dense_mlp=INT8, shared_experts=INT8, routed_experts=INT8, lm_head=INT8)
-    if name in ("int4", "mixed"):
-        return Recipe(name, attention=INT4_G64, dense_mlp=INT4_G64, shared_experts=INT4_G64,
-                      routed_experts=INT4_G128, lm_head=INT8)
-    if name == "int4-plus":
-        int8_g32 = QuantSpec(8, 32)
-        return Recipe(name, attention=int8_g32, dense_mlp=int8_g32, shared_experts=QuantSpec(4, 32),
-                      routed_experts=INT4_G64, lm_head=int8_g32)
-    m = re.fullmatch(r"int8-g(\d+)", name)
+    if name == "int4":
+        return Recipe("int4", attention=INT8_G32, dense_mlp=INT8_G32, shared_experts=INT8_G32,
+                      routed_experts=INT4_G32_ASYM, lm_head=INT8_G32, embeddings=INT8_G32)
+    if name == "int8-channel":
+        return Recipe(name, attention=INT8, dense_mlp=INT8, shared_experts=INT8, routed_experts=INT8, lm_head=INT8)
+    if name == "mixed":
+        return replace(preset("int4-g128"), name=name)
+    m = re.fullmatch(r"int8(?:-g(\d+))?", name)
     if m:
-        spec = QuantSpec(8, int(m.group(1)))
-        return Recipe(name, attention=spec, dense_mlp=spec, shared_experts=spec, routed_experts=spec, lm_head=spec)
+        spec = QuantSpec(8, int(m.group(1) or 32))
+        return Recipe(name, attention=spec, dense_mlp=spec, shared_experts=spec, routed_experts=spec, lm_head=spec,
+                      embeddings=spec)
     m = re.fullmatch(r"int4-g(\d+)", name)
     if m:
-        return replace(preset("int4"), name=name, routed_experts=QuantSpec(4, int(m.group(1))))
+        return Recipe(name, attention=INT4_G64, dense_mlp=INT4_G64, shared_experts=INT4_G64,
+                      routed_experts=QuantSpec(4, int(m.group(1))), lm_head=INT8)
     raise ValueError(f"unknown recipe preset {name!r}; expected one of {', '.join(PRESETS)}, int4-g<N> "
                      "or int8-g<N>")
 

@@ -88,18 +88,20 @@ def test_cpu_backend_within_bf16_rounding(reference):
 
 
 def test_small_int4_export_runs_on_the_default_backend(tmp_path_factory, capfd):
-    """What export writes for Small INT4 includes narrow weights the packed cpu INT4 op refuses (kv_a_proj_with_mqa is
-    [40, 64] at INT4 g64: 40 output rows); the default backend (cpu on this machine) still runs the whole bundle, and
+    """What export writes for Small INT4 includes narrow weights (kv_a_proj_with_mqa is [40, 64]: 40 output rows, INT8
+    g32 in the int4 recipe's attention; the narrow INT4 case the packed cpu INT4 op refuses is tests/test_qlinear.py's);
+    the default backend (cpu on this machine) runs the whole bundle, MLA, routed INT4 and the INT8 embedding table, and
     its logits are the reference backend's (fp32 dequantize) within the bf16 bounds of the Tiny test above."""
     bundle = small_int4_bundle(tmp_path_factory)
     narrow = open_bundle(bundle).manifest.decoder.quantized["language.model.layers.0.self_attn.kv_a_proj_with_mqa"]
-    assert (narrow.bits, narrow.group_size, narrow.shape) == (4, 64, [40, 64])
+    assert (narrow.bits, narrow.group_size, narrow.shape) == (8, 32, [40, 64])
     deployed = VL2Pipeline.from_bundle(bundle)  # no backend, no profile: the default
     assert "decoder backend cpu" in capfd.readouterr().err
     oracle = VL2Pipeline.from_bundle(bundle, backend="reference", dtype="fp32")
     from PIL import Image
 
     image = Image.open(PHOTO).convert("RGB").resize((384, 384))
+    checked = []
     for inputs in (deployed.prepare("Describe this picture in detail."), deployed.prepare("<image>\nWhat is it?",
                                                                                           [image])):
         got, want = deployed.prompt_logits(inputs), oracle.prompt_logits(inputs)
@@ -110,8 +112,12 @@ def test_small_int4_export_runs_on_the_default_backend(tmp_path_factory, capfd):
         top = want.topk(2, dim=-1).values
         span = want.max(-1).values - want.min(-1).values
         clear = (top[:, 0] - top[:, 1]) > 0.025 * span
-        assert float(clear.float().mean()) >= 0.75  # the check covers most positions, not a few
+        checked.append(clear)
         assert bool((got.argmax(-1) == want.argmax(-1))[clear].all())
+    # the check covers most positions, not a few. How many leads are clear is a property of the oracle's logits, so of
+    # the recipe: 67 % of both prompts' positions with int4 (INT8 attention, asymmetric INT4 experts), >= 75 % with the
+    # earlier int4-g128; the argmax must hold at every one of them either way.
+    assert float(torch.cat(checked).float().mean()) >= 0.6
     assert deployed.generate(deployed.prepare("hi"), SamplingParams(max_new_tokens=3)).token_ids
 
 
@@ -255,10 +261,11 @@ def _rewrite_manifest(bundle, change) -> None:
 
 def test_mismatches_are_refused_naming_what_is_wrong(damaged):
     key = "language.model.layers.0.self_attn.q_proj.scales"
-    _rewrite_manifest(damaged, lambda m: m["decoder"]["tensors"][key].update(shape=[64, 2]))
+    rows, groups = open_bundle(damaged).manifest.decoder.tensors[key].shape
+    _rewrite_manifest(damaged, lambda m: m["decoder"]["tensors"][key].update(shape=[rows, groups + 1]))
     with pytest.raises(UserError, match=key):
         open_bundle(damaged)
-    _rewrite_manifest(damaged, lambda m: m["decoder"]["tensors"][key].update(shape=[64, 1]))
+    _rewrite_manifest(damaged, lambda m: m["decoder"]["tensors"][key].update(shape=[rows, groups]))
     open_bundle(damaged)  # restored
     _rewrite_manifest(damaged, lambda m: m.update(schema_version=2))
     with pytest.raises(UserError, match="schema version 2"):

@@ -92,7 +92,8 @@ def test_rtn_with_data_makes_the_data_free_weights():
     assert all(e["rel_weighted"] is None for e in free.errors.values())
     assert all(e["rel_weighted"] is not None for k, e in walked.errors.items() if "embed" not in k)
     lm_head = vl2.language.lm_head.weight
-    assert torch.equal(free.weights["language.lm_head"].qweight, quantize_rtn(lm_head.detach(), INT8).qweight)
+    spec = preset("int4").lm_head
+    assert torch.equal(free.weights["language.lm_head"].qweight, quantize_rtn(lm_head.detach(), spec).qweight)
 
 
 # --- GPTQ vs RTN --------------------------------------------------------------------------------------------------

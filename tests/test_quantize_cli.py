@@ -69,7 +69,7 @@ def test_single_configuration_with_user_images(tmp_path):
 def test_held_out_suite_per_domain(tmp_path):
     from edge_vl2.quantize.heldout.suite import load_suite
 
-    result = invoke("--model", checkpoint("tiny"), "--compare", "rtn-int8-g32,gptq-int4-plus", "--eval", "0",
+    result = invoke("--model", checkpoint("tiny"), "--compare", "rtn-int8,gptq-int4", "--eval", "0",
                     "--calib-samples", "2", "--calib-answers", "4", "--suite", "1", "--answer-tokens", "4",
                     "--max-tokens", "256", "--threads", "1", "--suite-dir", tmp_path / "suite",
                     "--report", tmp_path / "r.json")
@@ -94,9 +94,9 @@ def test_held_out_suite_per_domain(tmp_path):
                                       "--json", str(tmp_path / "t.json")], catch_exceptions=False)
     assert table.exit_code == 0, table.stderr
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["rtn-int8-g32", "gptq-int4-plus"]
+    assert [r["label"] for r in rows] == ["rtn-int8", "gptq-int4"]
     assert rows[0]["domains"]["prose"]["kl_mean"] == int8["suite"]["domains"]["prose"]["kl_mean"]
-    assert "rtn-int8-g32" in table.stdout and "multi_image" in table.stdout
+    assert "rtn-int8" in table.stdout and "multi_image" in table.stdout
 
 
 @pytest.mark.parametrize("args, needles", [

@@ -26,7 +26,7 @@ from edge_vl2.quantize.recipe import (
 from edge_vl2.quantize.rtn import quantize_rtn
 from edge_vl2.tools.synth import synthetic_config
 
-MIXED = preset("int4").with_overrides({expert_name(1, 3, p): INT8 for p in ("gate_proj", "up_proj", "down_proj")}
+MIXED = preset("int4-g128").with_overrides({expert_name(1, 3, p): INT8 for p in ("gate_proj", "up_proj", "down_proj")}
                                       | {expert_name(2, 0, "down_proj"): QuantSpec(4, 32, symmetric=False)},
                                       name="mixed")
 
@@ -81,7 +81,7 @@ def test_module_kinds_on_real_checkpoint_names(variant):
 
 def test_spec_for_overrides_and_fitting():
     assert MIXED.spec_for(expert_name(1, 3, "up_proj")) == INT8
-    assert MIXED.spec_for(expert_name(1, 4, "up_proj")) == preset("int4").routed_experts  # no override
+    assert MIXED.spec_for(expert_name(1, 4, "up_proj")) == preset("int4-g128").routed_experts  # no override
     assert MIXED.spec_for("language.model.layers.1.mlp.experts.up_proj") == QuantSpec(4, 128)  # the stacked name
     assert MIXED.spec_for("language.model.layers.1.mlp.gate.weight") is None  # the router stays bf16
     # Tiny's dense down_proj has in = 6848 = 64 x 107: g128 becomes g64; test-size experts (in 32) get g32
@@ -138,18 +138,24 @@ def test_malformed_recipes_are_rejected(mutate, message):
         Recipe.from_dict(_bad(mutate))
 
 
-def test_new_presets_at_their_bytes():
-    """int8-g32 stores Q8_0's 8.5 bits per quantized weight; int4-plus fits full-size Tiny's decoder in Q4_K_M's
-    1.95 GB (the bf16 embeddings, 0.33 GB, included: llama.cpp quantizes its embedding table, we do not)."""
+def test_default_presets_at_llama_cpp_bytes():
+    """Full-size Tiny: the int4 default fits the decoder in llama.cpp Q4_K_M's 1,948,600,032 bytes and int8 in Q8_0's
+    3,124,413,152 (the GGUFs of the same decoder, embedding tables included on both sides: README "llama.cpp peer");
+    int8 stores Q8_0's 8.5 bits per weight; int4-g128 is the earlier, leaner int4 (1.84 GB, embeddings bf16)."""
     from edge_vl2.export.plan import plan_decoder
 
     tiny = VL2Config.from_dict(synthetic_config("tiny", "full"))
-    plans = plan_decoder(tiny, preset("int8-g32"))
+    plans = plan_decoder(tiny, preset("int8"))
     quantized = [p for p in plans if p.quantized]
     n = sum(torch.Size(p.shape).numel() for p in quantized)
     assert sum(p.nbytes for p in quantized) * 8 / n == 8.5
-    int4_plus = sum(p.nbytes for p in plan_decoder(tiny, preset("int4-plus")))
-    assert 1.94e9 < int4_plus <= 1.95e9
-    assert preset("int4-plus").attention == QuantSpec(8, 32) and preset("int4-plus").routed_experts == QuantSpec(4, 64)
+    assert "language.model.embed_tokens.weight" in {p.name for p in quantized}
+    assert 3.11e9 < sum(p.nbytes for p in plans) <= 3_124_413_152
+    int4 = sum(p.nbytes for p in plan_decoder(tiny, preset("int4")))
+    assert 1.94e9 < int4 <= 1_948_600_032
+    assert preset("int4").routed_experts == QuantSpec(4, 32, symmetric=False)
+    assert preset("int4").embeddings == preset("int4").attention == QuantSpec(8, 32)
+    assert 1.83e9 < sum(p.nbytes for p in plan_decoder(tiny, preset("int4-g128"))) < 1.85e9
+    assert preset("int8-channel").routed_experts == INT8 and preset("int8-g64").lm_head == QuantSpec(8, 64)
     with pytest.raises(ValueError, match="power of two"):
         preset("int8-g7")

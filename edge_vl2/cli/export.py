@@ -10,7 +10,7 @@ from .common import one_line_errors
 
 @click.command()
 @click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
-@click.option("--recipe", default="int4", show_default=True, help="int4 | int8 | mixed | bf16, or a recipe JSON file.")
+@click.option("--recipe", default="int4", show_default=True, help="int4 | int8 | bf16 | mixed | int8-channel | int4-g<N> | int8-g<N>, or a recipe JSON file (README: Export and bundles).")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq: calibrated, loads the model; rtn: round-to-nearest streamed from the checkpoint (any size).")
 @click.option("--calib-dir", default=None, type=click.Path(file_okay=False),

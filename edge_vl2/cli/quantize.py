@@ -12,7 +12,7 @@ from .common import one_line_errors
 @click.command()
 @click.option("--model", required=True, help="Checkpoint folder in the official layout, or a Hub id.")
 @click.option("--recipe", default="int4", show_default=True,
-              help="int8 | int4 | int4-g<N> | mixed | bf16, or a recipe JSON file.")
+              help="int4 | int8 | bf16 | mixed | int8-channel | int4-g<N> | int8-g<N>, or a recipe JSON file.")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
 @click.option("--hessians", type=click.Choice(["routed", "all-tokens", "blend"]), default="blend", show_default=True,
               help="Routed-expert GPTQ statistics: routed tokens only, every token by router affinity, or a blend.")
