@@ -33,7 +33,7 @@ from .engine import run_job
 from .errors import ApiError, unavailable
 from .responses import error_response, model, models
 from .routes import chat_completions
-from .scheduler import Scheduler
+from .scheduler import Scheduler, fix_mmap_threshold
 
 log = logging.getLogger("edge_vl2.serve")
 
@@ -53,6 +53,7 @@ class ServeState:
         if vl2.vision_cache is None and self.config.vision_cache_mb:
             vl2.enable_vision_cache(self.config.vision_cache_mb)
         self.vl2 = vl2
+        fix_mmap_threshold()  # before the first request: a steady RSS
         self.scheduler = Scheduler(lambda job: run_job(vl2, job), self.config.max_queue, self.config.retry_after_s)
         if self.config.special_tokens != "parse":
             vl2.tokenizer.encode_plain("")  # build the literal tokenizer now, not in the first request

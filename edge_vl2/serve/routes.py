@@ -41,12 +41,12 @@ async def chat_completions(request: Request) -> Response:
                                  state.model_id)
         scheduler.reserve()
         t0 = time.monotonic()
-        try:
-            inputs = await anyio.to_thread.run_sync(prepare_inputs, vl2, req, state.config)
+        try:  # the job holds the inputs alone: the worker drops them before it gives the memory back
+            job = Job(req, await anyio.to_thread.run_sync(prepare_inputs, vl2, req, state.config),
+                      asyncio.get_running_loop(), arrived, arrived + state.config.request_timeout_s)
         except BaseException:
             scheduler.release()
             raise
-        job = Job(req, inputs, asyncio.get_running_loop(), arrived, arrived + state.config.request_timeout_s)
         job.prepare_s = time.monotonic() - t0
         scheduler.submit(job)
         return await respond(job, request, state)
