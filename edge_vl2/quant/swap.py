@@ -65,13 +65,36 @@ def swap_in_quantized_(model: "DeepseekVL2", quantized: dict[str, QuantizedWeigh
     mismatches raise ValueError naming them, before anything is swapped. Returns the model.
     """
     linears, experts = quantizable_modules(model)
-    sizes = {name: m.gate_proj.shape[0] for name, m in experts.items()}
-    linear_opts = {k: v for k, v in options.items() if k != "fuse_gate_up"}
-    # stack name -> proj -> the whole stack's weight, or {expert index: weight}
-    tables: dict[str, dict[str, QuantizedWeight | dict[int, QuantizedWeight]]] = {}
-    unknown, errors = [], []
     embeddings = {n: m for n, m in model.named_modules()
                   if n.startswith(DECODER_PREFIX) and isinstance(m, nn.Embedding)}
+    linear_opts = {k: v for k, v in options.items() if k != "fuse_gate_up"}
+    tables = _checked_tables(quantized, linears, experts, embeddings)
+    for name, w in quantized.items():
+        if name in embeddings:
+            old = embeddings[name].weight
+            _set_module(model, name, QuantEmbedding(_to(w, old.device), old.dtype))
+        elif name in linears:
+            old = linears[name]
+            _set_module(model, name, QuantLinear(_to(w, old.weight.device), backend, old.weight.dtype, **linear_opts))
+    for stack, table in tables.items():
+        old = experts[stack]
+        device = old.gate_proj.device
+        if all(isinstance(table.get(p), (Int4Weight, Int8Weight)) for p in EXPERT_PROJS):
+            new = QuantExperts.stacked(*(_to(table[p], device) for p in EXPERT_PROJS), backend, **options)
+        else:
+            new = QuantExperts.per_expert([tuple(_expert_weight(old, table, p, e, device) for p in EXPERT_PROJS)
+                                           for e in range(old.gate_proj.shape[0])], backend, **options)
+        _set_module(model, stack, new)
+    return model
+
+
+def _checked_tables(quantized: dict[str, QuantizedWeight], linears: dict, experts: dict,
+                    embeddings: dict) -> dict[str, dict[str, QuantizedWeight | dict[int, QuantizedWeight]]]:
+    """Every name and shape checked (ValueError naming all problems); returns the routed-expert weights as
+    stack name -> proj -> the whole stack's weight, or {expert index: weight}."""
+    sizes = {name: m.gate_proj.shape[0] for name, m in experts.items()}
+    tables: dict[str, dict[str, QuantizedWeight | dict[int, QuantizedWeight]]] = {}
+    unknown, errors = [], []
     for name, w in quantized.items():
         if name in embeddings:
             if tuple(w.shape) != tuple(embeddings[name].weight.shape):
@@ -104,24 +127,7 @@ def swap_in_quantized_(model: "DeepseekVL2", quantized: dict[str, QuantizedWeigh
                          f"high precision): {', '.join(sorted(unknown))}")
     if errors:
         raise ValueError("; ".join(errors))
-
-    for name, w in quantized.items():
-        if name in embeddings:
-            old = embeddings[name].weight
-            _set_module(model, name, QuantEmbedding(_to(w, old.device), old.dtype))
-        elif name in linears:
-            old = linears[name]
-            _set_module(model, name, QuantLinear(_to(w, old.weight.device), backend, old.weight.dtype, **linear_opts))
-    for stack, table in tables.items():
-        old = experts[stack]
-        device = old.gate_proj.device
-        if all(isinstance(table.get(p), (Int4Weight, Int8Weight)) for p in EXPERT_PROJS):
-            new = QuantExperts.stacked(*(_to(table[p], device) for p in EXPERT_PROJS), backend, **options)
-        else:
-            new = QuantExperts.per_expert([tuple(_expert_weight(old, table, p, e, device) for p in EXPERT_PROJS)
-                                           for e in range(old.gate_proj.shape[0])], backend, **options)
-        _set_module(model, stack, new)
-    return model
+    return tables
 
 
 def _expert_weight(old: StackedExperts, table: dict, proj: str, e: int, device: torch.device) -> ExpertWeight:
