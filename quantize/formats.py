@@ -9,9 +9,9 @@ The grid (shared by RTN and GPTQ, so both produce the same kind of codes):
   so a group is never worse than min-max), scale = (b * hi - a * lo) / 15, zero = round(-a * lo / scale),
   codes = clamp(round(w / scale) + zero, 0, 15). Clipping a heavy tail buys a finer step for the other weights:
   on full-size synthetic Tiny's expert weights (kurtosis ~10) it cuts the relative squared error of g32 by 6 %
-  (0.0093 -> 0.0087; llama.cpp's Q4_K, 6-bit scales and float minimums per 32, gets 0.0075 there), and asymmetric
-  g32 is 1.85x better than symmetric g32 (0.0171) on them, because one outlier fixes a symmetric group's step for
-  both signs.
+  (0.0093 -> 0.0087; llama.cpp's Q4_K, a 6-bit scale and a 6-bit minimum per 32, the minimum not tied to the
+  step, gets 0.0075 there), and asymmetric g32 is 1.85x better than symmetric g32 (0.0171) on them, because one
+  outlier fixes a symmetric group's step for both signs.
 - INT8: scale = max|w| / 127, codes = clamp(round(w / scale), -128, 127).
 - Scales are stored in fp16, rounded UP to the next fp16 value, and the codes are computed with the stored scale, so
   the RTN error bound |w - dequant(w)| <= scale / 2 holds element-wise with the stored scale for symmetric INT4 and
