@@ -56,7 +56,7 @@ are the image-token embeddings, not read by a text decode step): counted here fr
             continue
         if ".mlp.experts." in name:
             total += n * share
-        elif name.endswith("embed_tokens.weight"):
+        elif ".embed_tokens." in name:  # bf16 `.weight`, or a quantized table's `.qweight` / `.scales`: one row
             total += n / t.shape[0]
         else:
             total += n

@@ -31,7 +31,9 @@ CONFIGS = (("eager", False, None, None), ("cuda-graphs", True, None, None),
 
 def decode_bytes_per_token(model) -> int:
     """Weight bytes one decode token reads: quantized layers' decode kernels, k/E of each expert stack, and the
-    decoder's float parameters other than the embedding table (norms, routers, MLA's w_uk / w_uv)."""
+    decoder's float parameters other than the embedding table (norms, routers, MLA's w_uk / w_uv), and one row of
+    the table."""
+    from ..quant.embedding import QuantEmbedding
     from ..quant.experts import QuantExperts
     from ..quant.linear import QuantLinear
 
@@ -43,8 +45,11 @@ def decode_bytes_per_token(model) -> int:
             total += module.decode_nbytes
         elif isinstance(module, QuantExperts):
             total += module.decode_nbytes * k // n_experts
-    embed = getattr(lm.model.embed_tokens, "weight", None)  # a QuantEmbedding keeps buffers, not parameters
-    total += sum(p.numel() * p.element_size() for p in lm.parameters() if p is not embed and p.numel() > 1)
+    embed = lm.model.embed_tokens
+    if isinstance(embed, QuantEmbedding):  # buffers, not parameters: one row of the table per token
+        total += embed.nbytes // embed.num_embeddings
+    weight = getattr(embed, "weight", None)
+    total += sum(p.numel() * p.element_size() for p in lm.parameters() if p is not weight and p.numel() > 1)
     return total
 
 
