@@ -7,6 +7,7 @@ the kernels run interpreted but their calls into triton.language fail. conftest 
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,13 @@ FIXTURES = REPO / "tests" / "fixtures"
 OFFICIAL = FIXTURES / "official"
 TINY_LIKE = OFFICIAL / "checkpoints" / "tiny-like"
 IMAGES = FIXTURES / "images"
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that a test interrupts: Ctrl-C as a terminal delivers it (default disposition, not
+    blocked), whatever the pytest process inherited or set; an ignored or blocked SIGINT is inherited across exec."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,16 @@ import pexpect
 import pytest
 from PIL import Image
 
-from conftest import IMAGES, REPO, TINY_LIKE
+from conftest import IMAGES, REPO, TINY_LIKE, default_sigint
 
 
 @pytest.fixture
 def chat():
+    # 200 tokens an answer: the one the test interrupts must still be running when Ctrl-C lands (the tiny-like model
+    # decodes ~600 tok/s on a quiet machine: 12 tokens were over before the ^C arrived)
     child = pexpect.spawn(sys.executable, ["-m", "edge_vl2.cli", "chat", "--model", str(TINY_LIKE), "--dtype", "fp32",
-                                           "--max-new-tokens", "12", "--stats"],
-                          cwd=str(REPO), encoding="utf-8", timeout=240, dimensions=(50, 200))
+                                           "--max-new-tokens", "200", "--stats"],
+                          cwd=str(REPO), encoding="utf-8", timeout=240, dimensions=(50, 200), preexec_fn=default_sigint)
     yield child
     child.close(force=True)
 

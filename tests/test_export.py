@@ -34,6 +34,7 @@ from edge_vl2.quantize.recipe import preset
 from edge_vl2.quantize.rtn import quantize_rtn
 
 from _bundles import checkpoint, cli, small_mixed_bundle, tiny_rtn_bundle
+from conftest import default_sigint
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -226,7 +227,8 @@ def test_failure_midway_leaves_nothing(tmp_path_factory, tmp_path, monkeypatch):
 def _start_export(ckpt: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edge_vl2.cli", "export", "--model", str(ckpt), "--method", "rtn",
                              "--fidelity-samples", "0", "--vision", "fp32", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 def _wait_for_staging(proc: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
