@@ -275,6 +275,13 @@ AVX2_FN __m256i unpack16(const uint8_t *p, __m256i m4) {
     return _mm256_and_si256(_mm256_set_m128i(hi, raw), m4);
 }
 
+/* the 32 bytes of a pair of 32-blocks (layouts 2 and 3) -> low nibbles (A_even, B_even) and high ones (A_odd, B_odd) */
+AVX2_FN void unpack_pair(const uint8_t *p, __m256i m4, __m256i *lo, __m256i *hi) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+
 AVX2_FN float f16(uint16_t h) { return _cvtsh_ss(h); }
 
 /* exp(x) for x in [-88, 88], Cephes-style range reduction + degree-5 polynomial (rel. err ~2e-7) */
@@ -426,9 +433,8 @@ __attribute__((target("avx2,fma,f16c"))) static void act_prepare_q8_avx2(qk_act 
                 sg += a->xds[2 * p] + a->xds[2 * p + 1];                                                             \
                 for (int r = 0; r < R; r++) {                                                                        \
                     if (!(p & 1)) _mm_prefetch((const char *)(q[r] + p * 32 + PF), _MM_HINT_T0);                     \
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(q[r] + p * 32));                                \
-                    __m256i lo = _mm256_and_si256(v, m4);                                                            \
-                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                      \
+                    __m256i lo, hi;                                                                                  \
+                    unpack_pair(q[r] + p * 32, m4, &lo, &hi);                                                        \
                     ga[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, alo, ahi)), dv, ga[r]);                   \
                 }                                                                                                    \
             }                                                                                                        \
@@ -465,9 +471,8 @@ AVX2_FN void q4i8p_rows4(const qk_mat *w, int e, int64_t row0, const qk_act *a, 
             float sga = a->xds[2 * p], sgb = a->xds[2 * p + 1];                                                      \
             for (int r = 0; r < R; r++) {                                                                            \
                 if (!(p & 1)) _mm_prefetch((const char *)(q[r] + p * 32 + PF), _MM_HINT_T0);                         \
-                __m256i v = _mm256_loadu_si256((const __m256i *)(q[r] + p * 32));                                    \
-                __m256i lo = _mm256_and_si256(v, m4);                                                                \
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                          \
+                __m256i lo, hi;                                                                                      \
+                unpack_pair(q[r] + p * 32, m4, &lo, &hi);                                                            \
                 float swa = f16(s[r][2 * p]), swb = f16(s[r][2 * p + 1]);                                            \
                 __m256 sv = _mm256_mul_ps(dv, _mm256_set_m128(_mm_set1_ps(swb), _mm_set1_ps(swa)));                  \
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, alo, ahi)), sv, acc[r]);                     \
@@ -519,10 +524,9 @@ AVX2_FN void q4i8_rows4(const qk_mat *w, int e, int64_t row0, const qk_act *a, f
                     _mm_prefetch((const char *)(q0 + p * 32 + pf), _MM_HINT_T0);                                     \
                     _mm_prefetch((const char *)(q1 + p * 32 + pf), _MM_HINT_T0);                                     \
                 }                                                                                                    \
-                __m256i v0 = _mm256_loadu_si256((const __m256i *)(q0 + p * 32));                                     \
-                __m256i v1 = _mm256_loadu_si256((const __m256i *)(q1 + p * 32));                                     \
-                __m256i lo0 = _mm256_and_si256(v0, m4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);       \
-                __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);       \
+                __m256i lo0, hi0, lo1, hi1;                                                                          \
+                unpack_pair(q0 + p * 32, m4, &lo0, &hi0);                                                            \
+                unpack_pair(q1 + p * 32, m4, &lo1, &hi1);                                                            \
                 for (int c = 0; c < C; c++) {                                                                        \
                     const qk_act *a = acts[c];                                                                       \
                     __m256i alo = _mm256_load_si256((const __m256i *)(a->xq + p * 64));                              \
